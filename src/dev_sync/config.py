@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ def check_remote_root(path: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class RemoteConfig(_Strict):
@@ -73,7 +74,9 @@ class RemoteConfig(_Strict):
     @classmethod
     def _host(cls, value: str) -> str:
         if value.startswith("-") or any(c.isspace() for c in value):
-            raise ValueError(f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}")
+            raise ValueError(
+                f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
+            )
         return value
 
     @field_validator("user")
@@ -149,7 +152,7 @@ def _describe(loc: tuple[int | str, ...]) -> str:
     return f"[{section[0]}]" if section else "(top level)"
 
 
-def _format_error(path: Path, err: dict[str, Any]) -> str:
+def _format_error(path: Path, err: Mapping[str, Any]) -> str:
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
     where = _describe(loc)
@@ -186,7 +189,9 @@ def load_config(path: Path | None = None) -> Config:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}", f"fix the syntax in {source}") from None
+        raise ConfigError(
+            f"{source}: not valid TOML: {exc}", f"fix the syntax in {source}"
+        ) from None
     return parse_config(data, source)
 
 

@@ -1,0 +1,224 @@
+"""One OpenSSH ControlMaster connection per remote, owned by dev-sync.
+
+We shell out to the user's own ``ssh`` so that everything their
+``~/.ssh/config`` says (ProxyJump, IdentityFile, agents, host keys) keeps
+working. The master runs as our child process on a private control socket;
+every later ssh or rsync call rides on it and costs one channel open instead
+of a TCP and key exchange. When the master exits, the connection is gone:
+the engine watches for that instead of discovering it on the next push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dev_sync import runner
+from dev_sync.config import Config
+from dev_sync.errors import ConnectionFailed
+
+READY = "dev-sync-master-ready"
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one remote: the ssh destination and the options we add."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    ssh_config: Path | None = None
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> Target:
+        r = config.remote
+        return cls(r.host, r.user, r.port, config.ssh_config_path, r.connect_timeout)
+
+    @property
+    def label(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{who}{self.host}{port}"
+
+    def options(self) -> list[str]:
+        """Options shared by the master and every client call."""
+        args: list[str] = []
+        if self.ssh_config is not None:
+            args += ["-F", str(self.ssh_config)]
+        if self.port is not None:
+            args += ["-p", str(self.port)]
+        if self.user is not None:
+            args += ["-l", self.user]
+        args += [
+            "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=3",
+        ]
+        return args
+
+    def control_path(self) -> Path:
+        """A short, private socket path (sun_path is limited to ~104 bytes)."""
+        key = "\0".join(
+            [self.host, self.user or "", str(self.port or ""), str(self.ssh_config or "")]
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"dev-sync-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder / f"{digest}.sock"
+
+
+def classify_ssh_failure(target: Target, stderr: str, code: int) -> ConnectionFailed:
+    """Turn ssh's stderr into one cause and one fix."""
+    text = stderr.lower()
+    host = target.label
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"ssh exited {code}"
+    if "could not resolve hostname" in text or "name or service not known" in text:
+        return ConnectionFailed(
+            f"cannot resolve host {target.host!r} (DNS)",
+            "check [remote] host in dev-sync.toml, or add a Host entry to your ssh config",
+        )
+    if "connection refused" in text:
+        return ConnectionFailed(
+            f"{host} refused the connection (no ssh server listening on that port)",
+            "start sshd on the machine (or the VM itself), or check [remote] port",
+        )
+    if "timed out" in text or code == 124:
+        return ConnectionFailed(
+            f"no answer from {host} within {target.connect_timeout:g}s",
+            "check that the machine is running and reachable (VPN, firewall, address)",
+        )
+    if "no route to host" in text or "network is unreachable" in text:
+        return ConnectionFailed(
+            f"{host} is unreachable: {last}", "check your network connection and the address"
+        )
+    if "host key verification failed" in text or "remote host identification has changed" in text:
+        return ConnectionFailed(
+            f"the host key of {host} is unknown or has changed",
+            f"run `ssh {target.host}` once to check and accept the key "
+            "(or fix the entry in known_hosts)",
+        )
+    if "permission denied" in text or "too many authentication failures" in text:
+        return ConnectionFailed(
+            f"{host} rejected the login ({last})",
+            f"make `ssh {target.host} true` work without a prompt: load your key with "
+            "`ssh-add`, or set IdentityFile/User in your ssh config",
+        )
+    if "connection closed" in text or "connection reset" in text or "broken pipe" in text:
+        return ConnectionFailed(f"the connection to {host} was lost: {last}", "it will be retried")
+    return ConnectionFailed(f"ssh to {host} failed: {last}", f"try `ssh -v {target.host} true`")
+
+
+class SshMaster:
+    """The long-lived master connection and the client commands that use it."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.control_path = target.control_path()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr: deque[str] = deque(maxlen=20)
+        self._stderr_task: asyncio.Task[None] | None = None
+
+    # -- client side -------------------------------------------------------
+
+    def client_options(self) -> list[str]:
+        return [
+            *self.target.options(),
+            "-S", str(self.control_path),
+            "-o", "ControlMaster=no",
+        ]
+
+    def command(self, remote_argv: Sequence[str], *, tty: bool = False) -> list[str]:
+        """An ssh argv running ``remote_argv`` (quoted for the remote shell) on the master."""
+        args = ["ssh", *self.client_options(), "-T" if not tty else "-t", "--", self.target.host]
+        return [*args, runner.remote_command(remote_argv)]
+
+    def rsync_rsh(self) -> str:
+        """The ``rsync -e`` value: rsync splits it on spaces and honours quotes."""
+        return shlex.join(["ssh", *self.client_options()])
+
+    async def run(
+        self, remote_argv: Sequence[str], *, check: bool = True, input: bytes | None = None
+    ) -> runner.Result:
+        return await runner.arun(self.command(remote_argv), check=check, input=input)
+
+    # -- master ------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    async def connect(self) -> None:
+        """Start the master and return once it accepts clients, or raise ConnectionFailed."""
+        await self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()  # a stale socket of ours from a killed run
+        argv = [
+            "ssh", *self.target.options(),
+            "-M", "-N",
+            "-o", f"ControlPath={self.control_path}",
+            "-o", "ControlPersist=no",
+            "-o", "PermitLocalCommand=yes",
+            "-o", f"LocalCommand=echo {READY}",
+            "-o", "ExitOnForwardFailure=yes",
+            "--", self.target.host,
+        ]
+        self._stderr.clear()
+        proc = await runner.start(argv, stdin=subprocess.DEVNULL)
+        self._proc = proc
+        assert proc.stdout is not None and proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+        # The master prints READY (its LocalCommand) after authentication, once
+        # it listens on the control socket; EOF means it exited.
+        deadline = self.target.connect_timeout + 5
+        try:
+            while True:
+                line = await asyncio.wait_for(proc.stdout.readline(), deadline)
+                if not line or READY.encode() in line:
+                    break
+        except TimeoutError:
+            await self.close()
+            raise classify_ssh_failure(self.target, "timed out", 124) from None
+        if not line:
+            code = await proc.wait()
+            if self._stderr_task is not None:
+                await self._stderr_task
+            stderr = "\n".join(self._stderr)
+            self._proc = None
+            raise classify_ssh_failure(self.target, stderr, code)
+
+    async def wait_closed(self) -> int:
+        """Return when the master exits (the connection is gone)."""
+        if self._proc is None:
+            return 0
+        return await self._proc.wait()
+
+    def last_error(self) -> str:
+        return self._stderr[-1] if self._stderr else ""
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            await runner.terminate(proc)
+        if self._stderr_task is not None:
+            self._stderr_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._stderr_task
+            self._stderr_task = None
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()
