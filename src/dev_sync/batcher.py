@@ -1,0 +1,115 @@
+"""Grouping watcher events into batches: one transfer per burst, not per file.
+
+A save is a handful of events within a millisecond, a ``git checkout`` is
+thousands over a second. The batcher waits for a short quiet period (so one
+save leaves at once, as one batch) but never longer than a cap (so a long
+burst still flows), and collapses paths covered by a directory that is sent
+as a whole anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Paths to push (relative, with 'whole subtree' flags), or a full reconcile."""
+
+    changes: tuple[tuple[str, bool], ...]
+    full: bool = False
+    reasons: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+
+def collapse(changes: dict[str, bool]) -> tuple[tuple[str, bool], ...]:
+    """Drop paths inside directories that are already sent recursively."""
+    out: list[tuple[str, bool]] = []
+    cover: str | None = None
+    for rel in sorted(changes, key=lambda p: p.split("/")):
+        if cover is not None and rel.startswith(cover):
+            continue
+        recursive = changes[rel]
+        out.append((rel, recursive))
+        cover = rel + "/" if recursive else None
+    return tuple(out)
+
+
+class Batcher:
+    """Collects changed paths and hands them out in debounced batches."""
+
+    def __init__(self, debounce: float, max_delay: float, max_paths: int = 50_000) -> None:
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self.max_paths = max_paths
+        self._changes: dict[str, bool] = {}
+        self._full = False
+        self._reasons: list[str] = []
+        self._first = 0.0
+        self._last = 0.0
+        self._wake = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._changes) + (1 if self._full else 0)
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        if not self._changes and not self._full:
+            self._first = now
+        self._last = now
+        self._wake.set()
+
+    def add(self, rel: str, recursive: bool = False) -> None:
+        self._touch()
+        self._changes[rel] = self._changes.get(rel, False) or recursive
+        if len(self._changes) > self.max_paths:
+            self.request_full("too many changes at once")
+
+    def request_full(self, reason: str) -> None:
+        """Everything may have changed: the next batch is a full reconcile."""
+        self._touch()
+        self._full = True
+        self._changes.clear()
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+
+    def requeue(self, batch: Batch) -> None:
+        """Put a batch back after a failed push (merging with newer changes)."""
+        if batch.full:
+            for reason in batch.reasons or ("retry",):
+                self.request_full(reason)
+            return
+        for rel, recursive in batch.changes:
+            self.add(rel, recursive)
+
+    def _take(self) -> Batch:
+        if self._full:
+            batch = Batch((), full=True, reasons=tuple(self._reasons))
+        else:
+            batch = Batch(collapse(self._changes))
+        self._changes = {}
+        self._full = False
+        self._reasons = []
+        self._wake.clear()
+        return batch
+
+    async def next_batch(self) -> Batch:
+        """Wait for changes, then for the burst to settle (or the cap), and take them."""
+        while not self._changes and not self._full:
+            self._wake.clear()
+            await self._wake.wait()
+        while True:
+            now = time.monotonic()
+            deadline = min(self._last + self.debounce, self._first + self.max_delay)
+            if now >= deadline:
+                return self._take()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), deadline - now)
+            except TimeoutError:
+                pass

@@ -1,0 +1,340 @@
+"""Getting local changes onto the remote with rsync over the SSH master.
+
+Two operations: a full *reconcile* of the whole tree, and a *push* of one
+batch of paths (``--files-from`` plus ``--delete-missing-args``). Both take
+their filter rules from the one rule set the watcher also uses, passed as
+``--filter`` arguments (rules read from a merge file are not applied to
+receiver-side deletions in ``--files-from`` mode, which would let a batch
+delete an excluded ``node_modules``).
+
+Deletions are guarded: before anything is deleted that could be a large part
+of the remote tree, a dry run counts it, and :class:`SafetyStop` is raised
+instead of mirroring what is probably an accident (an emptied or unmounted
+local root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dev_sync import runner
+from dev_sync.errors import DevSyncError, SafetyStop
+from dev_sync.runner import CommandError
+from dev_sync.ssh import SshMaster
+
+# rsync exit codes that mean the connection, not the transfer, failed.
+CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
+PARTIAL, VANISHED, MAX_DELETE = 23, 24, 25
+
+
+class ConnectionLost(Exception):
+    """The transport went away mid-operation; the engine reconnects and reconciles."""
+
+
+@dataclass
+class Stats:
+    """What one rsync run did."""
+
+    files: int = 0          # regular files transferred
+    size: int = 0           # bytes of the files transferred
+    deleted: int = 0
+    total: int = 0          # entries in the sender's file list
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    stderr: bytes = b""
+
+
+@dataclass(frozen=True)
+class Progress:
+    bytes: int
+    percent: int
+    rate: str
+    files: int
+    remaining: int | None
+    total: int | None
+
+
+@dataclass(frozen=True)
+class DeleteGuard:
+    """How much deletion is too much to do without asking."""
+
+    share: float = 0.5
+    minimum: int = 50
+    allow: bool = False
+
+    def check(self, deletions: int, remote_total: int, *, local_empty: bool = False) -> None:
+        if self.allow or deletions == 0:
+            return
+        share = deletions / max(remote_total, deletions, 1)
+        if local_empty or (deletions > self.minimum and share > self.share):
+            why = "the local tree is empty" if local_empty else f"{share:.0%} of the remote tree"
+            raise SafetyStop(
+                f"refusing to delete {deletions} remote entries ({why}); nothing was deleted",
+                "if the local tree is right (not an unmounted or half-checked-out folder), run "
+                "`dev-sync up --once --allow-delete` once; otherwise restore the local files. "
+                "The threshold is [sync] delete_guard",
+            )
+
+
+_STAT_PATTERNS = {
+    "total": re.compile(rb"^Number of files: ([\d,]+)", re.M),
+    "files": re.compile(rb"^Number of regular files transferred: ([\d,]+)", re.M),
+    "deleted": re.compile(rb"^Number of deleted files: ([\d,]+)", re.M),
+    "size": re.compile(rb"^Total transferred file size: ([\d,]+)", re.M),
+}
+_PROGRESS = re.compile(
+    r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+\S+(?:\s+\(xfr#(\d+), \w+-chk=(\d+)/(\d+)\))?"
+)
+_SKIPPED = re.compile(rb"--max-delete limit \((\d+) skipped\)")
+_NONEMPTY = re.compile(rb"^cannot delete non-empty directory: (.*)$", re.M)
+
+
+def parse_stats(output: bytes) -> Stats:
+    stats = Stats()
+    for name, pattern in _STAT_PATTERNS.items():
+        m = pattern.search(output)
+        if m:
+            setattr(stats, name, int(m.group(1).replace(b",", b"")))
+    return stats
+
+
+def parse_progress(line: str) -> Progress | None:
+    m = _PROGRESS.match(line)
+    if not m:
+        return None
+    total = int(m.group(6)) if m.group(6) else None
+    remaining = int(m.group(5)) if m.group(5) else None
+    return Progress(
+        bytes=int(m.group(1).replace(",", "")),
+        percent=int(m.group(2)),
+        rate=m.group(3),
+        files=int(m.group(4) or 0),
+        remaining=remaining,
+        total=total,
+    )
+
+
+def classify_failure(exc: CommandError, host: str, root: str) -> Exception:
+    """Map a failed rsync run to ConnectionLost or a user-facing error."""
+    err = exc.err
+    if "No space left on device" in err or "Disk quota exceeded" in err:
+        return DevSyncError(
+            f"the remote disk holding {root} is full (rsync: No space left on device)",
+            f"free space on {host} (see `df -h {root}`), then dev-sync resumes on the next change",
+        )
+    if exc.returncode == 127 or "rsync: command not found" in err or "rsync: not found" in err:
+        return DevSyncError(
+            "rsync is not installed here"
+            if exc.returncode == 127
+            else f"rsync is not installed on {host}",
+            "install rsync (`sudo apt-get install rsync`, or `brew install rsync` on macOS)",
+        )
+    if exc.returncode in CONNECTION_CODES:
+        return ConnectionLost(exc.last_line())
+    return DevSyncError(f"rsync failed (exit {exc.returncode}): {exc.last_line()}")
+
+
+class RsyncPusher:
+    """Runs rsync from the local root to the remote root over the master."""
+
+    def __init__(
+        self,
+        local_root: Path,
+        remote_root: str,
+        master: SshMaster,
+        filter_rules: Callable[[], Sequence[str]],
+        guard: DeleteGuard,
+    ) -> None:
+        self.local_root = local_root
+        self.remote_root = remote_root.rstrip("/") or "/"
+        self.master = master
+        self.filter_rules = filter_rules
+        self.guard = guard
+        # Entries the remote tree holds, as of the last reconcile: the
+        # denominator of the mass-deletion guard.
+        self.remote_total = 0
+
+    @property
+    def destination(self) -> str:
+        return f"{self.master.target.host}:{self.remote_root}/"
+
+    def _base(self) -> list[str]:
+        args = [
+            "rsync", "--recursive", "--links", "--perms", "--times",
+            "--secluded-args", "--no-human-readable", "--stats",
+            "-e", self.master.rsync_rsh(),
+        ]
+        args += [f"--filter={rule}" for rule in self.filter_rules()]
+        return args
+
+    async def _rsync(
+        self,
+        argv: list[str],
+        *,
+        files: Sequence[str] | None = None,
+        ok: frozenset[int] = frozenset({0, VANISHED}),
+        progress: Callable[[Progress], None] | None = None,
+    ) -> runner.Result:
+        data = None if files is None else b"".join(os.fsencode(f) + b"\0" for f in files)
+        if progress is None:
+            result = await runner.arun(argv, input=data, check=False)
+        else:
+            result = await self._rsync_with_progress(argv, data, progress)
+        if result.returncode not in ok:
+            raise classify_failure(
+                CommandError(result.argv, result.returncode, result.stdout, result.stderr),
+                self.master.target.label,
+                self.remote_root,
+            )
+        return result
+
+    async def _rsync_with_progress(
+        self, argv: list[str], data: bytes | None, progress: Callable[[Progress], None]
+    ) -> runner.Result:
+        proc = await runner.start(
+            argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        if data is not None and proc.stdin is not None:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        err_task = asyncio.create_task(proc.stderr.read())
+        out = bytearray()
+        pending = b""
+        try:
+            while chunk := await proc.stdout.read(65536):
+                out += chunk
+                pending += chunk
+                *lines, pending = re.split(rb"[\r\n]", pending)
+                for raw in lines:
+                    info = parse_progress(raw.decode("utf-8", "replace"))
+                    if info is not None:
+                        progress(info)
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            await runner.terminate(proc)
+            err_task.cancel()
+            raise
+        return runner.Result(tuple(argv), code, bytes(out), await err_task)
+
+    # -- reconcile -----------------------------------------------------------
+
+    async def reconcile(self, progress: Callable[[Progress], None] | None = None) -> Stats:
+        """Make the remote match the local tree, guarding against mass deletion."""
+        started = time.monotonic()
+        src = f"{self.local_root}/"
+        base = [*self._base(), "--delete", "--no-inc-recursive"]
+        if progress is not None:
+            base.append("--info=progress2")
+        # First pass transfers everything but deletes nothing, counting what
+        # it would delete; a second, cheap pass deletes when that is safe.
+        first = await self._rsync(
+            [*base, "--max-delete=0", src, self.destination],
+            ok=frozenset({0, VANISHED, MAX_DELETE}),
+            progress=progress,
+        )
+        stats = parse_stats(first.stdout)
+        pending = 0
+        if first.returncode == MAX_DELETE:
+            m = _SKIPPED.search(first.stderr)
+            pending = int(m.group(1)) if m else 1
+        if pending:
+            local_empty = not any(os.scandir(self.local_root))
+            self.guard.check(pending, stats.total + pending, local_empty=local_empty)
+            second = await self._rsync([*base, src, self.destination])
+            stats.deleted = parse_stats(second.stdout).deleted
+        self.remote_total = stats.total
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    # -- batches -------------------------------------------------------------
+
+    async def push(self, changes: Sequence[tuple[str, bool]]) -> Stats:
+        """Send one batch: (relative path, whole subtree?) pairs."""
+        started = time.monotonic()
+        listed: list[str] = []
+        subtree = False
+        gone_dirs: list[str] = []
+        gone = 0
+        for rel, recursive in changes:
+            if not rel:
+                continue
+            exists = os.path.lexists(self.local_root / rel)
+            if not exists:
+                gone += 1
+                if recursive:
+                    gone_dirs.append(rel)
+            elif recursive:
+                subtree = True
+            listed.append(rel)
+        if gone_dirs:
+            await self._clear_dirs(gone_dirs, gone - len(gone_dirs))
+        elif gone:
+            self.guard.check(gone, self.remote_total)
+        stats = await self._push_listed(listed, subtree)
+        stuck = [os.fsdecode(p) for p in _NONEMPTY.findall(stats.stderr)]
+        stuck = [p for p in stuck if p in listed and not os.path.lexists(self.local_root / p)]
+        if stuck:
+            # Directories deleted locally that the watcher did not flag as such.
+            await self._clear_dirs(stuck, 0)
+            more = await self._push_listed(stuck, False)
+            stats.deleted += more.deleted
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    async def _push_listed(self, listed: list[str], subtree: bool) -> Stats:
+        argv = [*self._base(), "--from0", "--files-from=-", "--delete-missing-args"]
+        if subtree:
+            argv.append("--delete")
+        else:
+            argv.append("--no-recursive")
+        argv += [f"{self.local_root}/", self.destination]
+        result = await self._rsync(argv, files=listed, ok=frozenset({0, VANISHED, PARTIAL}))
+        stats = parse_stats(result.stdout)
+        stats.warnings = [
+            ln for ln in result.err.splitlines() if ln.strip() and "non-empty directory" not in ln
+        ]
+        stats.stderr = result.stderr
+        return stats
+
+    async def _clear_dirs(self, dirs: list[str], other_deletions: int) -> None:
+        """Empty remote directories deleted locally, keeping what the rules exclude.
+
+        rsync's ``--force`` would delete an excluded ``node_modules`` inside
+        them, so instead an empty directory of the same name is synced onto
+        each one with ``--delete`` (which honours the filter rules); the now
+        empty directories go in the following batch.
+        """
+        with tempfile.TemporaryDirectory(prefix="dev-sync-shadow-") as shadow:
+            for rel in dirs:
+                (Path(shadow) / rel).mkdir(parents=True, exist_ok=True)
+            argv = [
+                *self._base(), "--from0", "--files-from=-", "--delete", "--itemize-changes",
+                f"{shadow}/", self.destination,
+            ]
+            dry = await self._rsync([*argv, "--dry-run"], files=dirs)
+            count = sum(1 for ln in dry.stdout.splitlines() if ln.startswith(b"*deleting"))
+            self.guard.check(count + len(dirs) + other_deletions, self.remote_total)
+            await self._rsync(argv, files=dirs)
+
+
+def local_rsync_version() -> tuple[int, ...] | None:
+    """The local rsync's version, or None when it is missing."""
+    from dev_sync.remote import parse_rsync_version
+
+    exe = shutil.which("rsync")
+    if exe is None:
+        return None
+    with contextlib.suppress(CommandError):
+        return parse_rsync_version(runner.run([exe, "--version"]).out.splitlines()[0])
+    return None

@@ -1,0 +1,99 @@
+"""The batcher: coalescing, subtree collapsing, quiet period and cap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dev_sync.batcher import Batch, Batcher, collapse
+
+
+def test_collapse_drops_paths_inside_recursive_dirs() -> None:
+    changes = {"a": True, "a/b": False, "a/c/d": True, "a-b": False, "b/x": False, "b": False}
+    assert collapse(changes) == (("a", True), ("a-b", False), ("b", False), ("b/x", False))
+
+
+def test_collapse_keeps_siblings_with_common_prefix() -> None:
+    assert collapse({"src": True, "src2/f": False, "src/f": False}) == (
+        ("src", True),
+        ("src2/f", False),
+    )
+
+
+def test_collapse_nested_recursive_inside_plain_dir() -> None:
+    assert collapse({"a": False, "a/b": True, "a/b/c": False, "a/z": False}) == (
+        ("a", False),
+        ("a/b", True),
+        ("a/z", False),
+    )
+
+
+async def test_single_change_leaves_after_quiet_period() -> None:
+    b = Batcher(debounce=0.005, max_delay=1.0)
+    b.add("f.txt")
+    started = time.monotonic()
+    batch = await asyncio.wait_for(b.next_batch(), 1)
+    assert batch == Batch((("f.txt", False),))
+    assert time.monotonic() - started < 0.5
+    assert b.pending == 0
+
+
+async def test_repeated_writes_coalesce_into_one_entry() -> None:
+    b = Batcher(debounce=0.02, max_delay=1.0)
+    for _ in range(10):
+        b.add("package-lock.json")
+    b.add("dir", recursive=True)
+    b.add("dir", recursive=False)  # a later plain event never downgrades a subtree
+    batch = await asyncio.wait_for(b.next_batch(), 1)
+    assert batch.changes == (("dir", True), ("package-lock.json", False))
+
+
+async def test_continuous_burst_is_cut_by_the_cap() -> None:
+    b = Batcher(debounce=0.05, max_delay=0.1)
+
+    async def feed() -> None:
+        for i in range(1000):
+            b.add(f"f{i}")
+            await asyncio.sleep(0.01)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        first = await asyncio.wait_for(b.next_batch(), 2)
+        # The feeder never pauses for the quiet period, yet a batch left.
+        assert 0 < len(first) < 1000
+    finally:
+        feeder.cancel()
+
+
+async def test_full_request_replaces_paths_and_keeps_reasons() -> None:
+    b = Batcher(debounce=0.001, max_delay=1.0)
+    b.add("x")
+    b.request_full("overflow")
+    b.request_full("overflow")
+    b.add("y")  # covered by the reconcile
+    batch = await asyncio.wait_for(b.next_batch(), 1)
+    assert batch.full and batch.reasons == ("overflow",) and batch.changes == ()
+
+
+async def test_too_many_paths_become_a_reconcile() -> None:
+    b = Batcher(debounce=0.001, max_delay=1.0, max_paths=10)
+    for i in range(11):
+        b.add(f"f{i}")
+    batch = await asyncio.wait_for(b.next_batch(), 1)
+    assert batch.full
+
+
+async def test_requeue_merges_with_newer_changes() -> None:
+    b = Batcher(debounce=0.001, max_delay=1.0)
+    b.add("new")
+    b.requeue(Batch((("old", True), ("new", False))))
+    batch = await asyncio.wait_for(b.next_batch(), 1)
+    assert batch.changes == (("new", False), ("old", True))
+
+
+async def test_waits_while_idle() -> None:
+    b = Batcher(debounce=0.001, max_delay=0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b.next_batch(), 0.1)
