@@ -1,0 +1,325 @@
+"""The ``dev-sync`` command: a thin layer of click over the library.
+
+``main(argv) -> int`` never raises for a user's mistake: a DevSyncError
+becomes its one-line cause and fix on stderr and its exit code; click's own
+usage errors exit 2; Ctrl-C exits 130 outside a session (inside one it is a
+clean stop, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from dev_sync import __version__
+from dev_sync.config import CONFIG_NAME, Config, load_config, parse_config, starter_text
+from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
+from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
+from dev_sync.state import SessionFiles
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"Config file (default: the nearest {CONFIG_NAME} upwards).",
+)
+
+
+def _load(config_path: Path | None) -> Config:
+    return load_config(config_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dev-sync")
+def cli() -> None:
+    """Keep a remote development machine in lockstep with this checkout."""
+
+
+@cli.command()
+@config_option
+@click.option("--host", default="devbox", show_default=True, help="ssh destination.")
+@click.option("--path", "remote_path", default=None, help="Remote root (absolute).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(config_path: Path | None, host: str, remote_path: str | None, force: bool) -> None:
+    """Write a commented starter dev-sync.toml."""
+    target = config_path or Path.cwd() / CONFIG_NAME
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists", "edit it, or pass --force to overwrite it")
+    path = remote_path or f"/srv/{Path.cwd().resolve().name or 'app'}"
+    text = starter_text(host, path)
+    parse_config(tomllib.loads(text), target)  # the starter must itself be valid
+    target.write_text(text)
+    click.echo(f"wrote {target}; edit [remote] and run `dev-sync up`")
+
+
+@cli.command()
+@config_option
+@click.option("--once", is_flag=True, help="Reconcile once and exit.")
+@click.option("--detach", is_flag=True, help="Run the session in the background.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+@click.option("--adopt", is_flag=True, help="Take over a non-empty remote root.")
+@click.option(
+    "--allow-delete", is_flag=True, help="Allow deleting beyond the [sync] delete_guard share."
+)
+def up(
+    config_path: Path | None,
+    once: bool,
+    detach: bool,
+    as_json: bool,
+    adopt: bool,
+    allow_delete: bool,
+) -> None:
+    """Reconcile, then watch and push every change (until Ctrl-C)."""
+    config = _load(config_path)
+    files = SessionFiles(config.source)
+    if detach:
+        if once:
+            raise UsageError("--detach and --once do not go together")
+        _detach(config, files, adopt=adopt, allow_delete=allow_delete)
+        return
+    if not files.acquire():
+        raise DevSyncError(
+            f"a dev-sync session for {config.source} is already running "
+            f"(pid {files.running_pid()})",
+            "see `dev-sync status`, or stop it with `dev-sync stop`",
+        )
+    try:
+        code = _run_session(config, files, once=once, as_json=as_json, adopt=adopt,
+                            allow_delete=allow_delete)
+    finally:
+        files.release()
+    if code:
+        sys.exit(code)
+
+
+def _run_session(
+    config: Config, files: SessionFiles, *, once: bool, as_json: bool, adopt: bool,
+    allow_delete: bool,
+) -> int:
+    from dev_sync.engine import Engine
+
+    human: Reporter = JsonReporter() if as_json else ConsoleReporter()
+    status = StatusReporter(
+        files,
+        {
+            "config": str(config.source),
+            "local_root": str(config.local_root),
+            "remote": f"{config.remote.host}:{config.remote.path}",
+            "started": time.time(),
+            "log": str(files.log),
+        },
+    )
+    engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
+                    allow_delete=allow_delete)
+    status.pending = lambda: engine.batcher.pending
+    try:
+        asyncio.run(engine.run())
+    except DevSyncError as exc:
+        status.state = "failed"
+        status.errors.append({"ts": time.time(), "cause": exc.cause, "fix": exc.fix or ""})
+        status.write()
+        raise
+    status.state = "stopped" if not once else "done"
+    status.write()
+    return 0
+
+
+def _detach(config: Config, files: SessionFiles, *, adopt: bool, allow_delete: bool) -> None:
+    pid = files.running_pid()
+    if pid is not None:
+        raise DevSyncError(
+            f"a dev-sync session for {config.source} is already running (pid {pid})",
+            "see `dev-sync status`, or stop it with `dev-sync stop`",
+        )
+    files.ensure()
+    argv = [sys.executable, "-m", "dev_sync", "up", "--config", str(config.source)]
+    if adopt:
+        argv.append("--adopt")
+    if allow_delete:
+        argv.append("--allow-delete")
+    with files.log.open("ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} dev-sync up --detach\n".encode())
+        log.flush()
+        started = time.time()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(config.local_root),
+            env={**os.environ, "COLUMNS": "120", "TERM": "dumb"},
+        )
+    # Wait until the session is watching (or has failed), so errors show here.
+    while True:
+        code = proc.poll()
+        status = files.read_status() or {}
+        fresh = status.get("pid") == proc.pid and status.get("updated", 0) >= started
+        if code is not None:
+            tail = files.log.read_text(errors="replace").strip().splitlines()[-6:]
+            raise DevSyncError(
+                "the background session exited at start:\n  " + "\n  ".join(tail),
+                f"see {files.log}",
+            )
+        if fresh and status.get("state") == "watching":
+            break
+        time.sleep(0.05)
+    click.echo(f"dev-sync is running in the background (pid {proc.pid}); log: {files.log}")
+    click.echo("`dev-sync status` shows it, `dev-sync stop` ends it")
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Show the running session: state, last push, pending changes, errors."""
+    config = _load(config_path)
+    files = SessionFiles(config.source)
+    pid = files.running_pid()
+    data: dict[str, Any] = files.read_status() or {}
+    data["running"] = pid is not None
+    if pid is None and data.get("state") not in (None, "failed"):
+        data["state"] = "stopped"
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        sys.exit(0 if pid is not None else 3)
+    if pid is None:
+        click.echo(f"no dev-sync session running for {config.source}")
+        if data.get("errors"):
+            last = data["errors"][-1]
+            click.echo(f"last error: {last.get('cause') or last.get('reason')}")
+        sys.exit(3)
+    console = Console(highlight=False)
+    console.print(f"[bold]{data.get('state', '?')}[/] since {_ago(data.get('since'))}  (pid {pid})")
+    console.print(f"  {data.get('local_root')} → {data.get('remote')}")
+    last = data.get("last_push")
+    if last:
+        console.print(
+            f"  last push {_ago(last.get('ts'))}: {last.get('files')} files, "
+            f"{last.get('bytes')} bytes, {last.get('ms')} ms"
+        )
+    console.print(f"  pending changes: {data.get('pending', 0)}, pushes: {data.get('pushes', 0)}")
+    for err in data.get("errors", [])[-3:]:
+        console.print(f"  [yellow]{err.get('kind', 'error')}[/] {_ago(err.get('ts'))}: "
+                      f"{err.get('cause') or err.get('reason')}")
+    console.print(f"  log: {data.get('log')}")
+
+
+def _ago(ts: object) -> str:
+    if not isinstance(ts, int | float):
+        return "?"
+    secs = max(0, int(time.time() - ts))
+    if secs < 60:
+        return f"{secs}s ago"
+    if secs < 3600:
+        return f"{secs // 60}m ago"
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m ago"
+
+
+@cli.command()
+@config_option
+def stop(config_path: Path | None) -> None:
+    """Stop the background session of this project."""
+    config = _load(config_path)
+    files = SessionFiles(config.source)
+    pid = files.running_pid()
+    if pid is None or pid <= 0:
+        click.echo("no dev-sync session running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while files.running_pid() is not None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    click.echo(f"stopped the session (pid {pid})")
+
+
+@cli.command()
+@config_option
+def doctor(config_path: Path | None) -> None:
+    """Check ssh, rsync on both ends, the remote root and inotify limits."""
+    from dev_sync.doctor import run_doctor
+
+    ok = run_doctor(config_path)
+    if not ok:
+        sys.exit(1)
+
+
+@cli.group()
+def sandbox() -> None:
+    """A private local sshd to try dev-sync without a VM."""
+
+
+@sandbox.command("start")
+@click.option("--clean-shell", is_flag=True, help="Hide your shell rc files from the sandbox.")
+def sandbox_start(clean_shell: bool) -> None:
+    """Start the sandbox sshd (idempotent) and print how to use it."""
+    from dev_sync.sandbox import Sandbox
+
+    info = Sandbox(clean_shell=clean_shell).start()
+    click.echo(f"sandbox sshd running on 127.0.0.1:{info.port} (pid {info.pid})")
+    click.echo(f"  host:       {info.host}")
+    click.echo(f"  ssh_config: {info.ssh_config}")
+    click.echo(f"  remote dir: {info.remote_dir}")
+    click.echo(f"  try:        ssh -F {info.ssh_config} {info.host} true")
+
+
+@sandbox.command("stop")
+def sandbox_stop() -> None:
+    """Stop the sandbox sshd."""
+    from dev_sync.sandbox import Sandbox
+
+    was = Sandbox().stop()
+    click.echo("sandbox stopped" if was else "sandbox was not running")
+
+
+@sandbox.command("status")
+def sandbox_status() -> None:
+    """Show whether the sandbox sshd runs."""
+    from dev_sync.sandbox import Sandbox
+
+    info = Sandbox().status()
+    if info is None:
+        click.echo("sandbox is not running (start it with `dev-sync sandbox start`)")
+        sys.exit(3)
+    click.echo(f"sandbox running on 127.0.0.1:{info.port} (pid {info.pid}); "
+               f"ssh_config {info.ssh_config}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI and map every failure to an exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="dev-sync",
+                 standalone_mode=False)
+    except DevSyncError as exc:
+        click.echo(exc.render(), err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0

@@ -1,0 +1,310 @@
+"""The sync session: connect, reconcile, then watch and push until stopped.
+
+A small state machine on asyncio (connecting, reconciling, watching,
+offline). The watcher feeds the batcher; the main loop takes batches and
+hands them to the pusher. A lost connection never loses a change: the
+session goes offline, keeps collecting changes, reconnects with backoff and
+reconciles the whole tree once, which also covers everything queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from dev_sync import remote
+from dev_sync.batcher import Batch, Batcher
+from dev_sync.config import Config
+from dev_sync.errors import ConnectionFailed, DevSyncError, SafetyStop
+from dev_sync.events import (
+    Connected,
+    Offline,
+    Problem,
+    Pushed,
+    Reconciled,
+    ReconcileProgress,
+    Reporter,
+    StateChanged,
+    Stopped,
+    Watching,
+)
+from dev_sync.ignore import RuleSet, walk_dirs
+from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
+from dev_sync.ssh import SshMaster, Target
+from dev_sync.watcher import Watcher, make_watcher
+
+T = TypeVar("T")
+
+BACKOFF = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
+
+
+class Engine:
+    """One session between a local tree and its remote twin."""
+
+    def __init__(
+        self,
+        config: Config,
+        reporter: Reporter,
+        *,
+        once: bool = False,
+        adopt: bool = False,
+        allow_delete: bool = False,
+    ) -> None:
+        self.config = config
+        self.root = config.local_root
+        self.reporter = reporter
+        self.once = once
+        self.adopt = adopt
+        sync = config.sync
+        self.rules = RuleSet(self.root, sync.exclude, sync.gitignore)
+        self.batcher = Batcher(sync.debounce_ms / 1000, sync.max_delay_ms / 1000)
+        self.master = SshMaster(Target.from_config(config))
+        self.pusher = RsyncPusher(
+            self.root,
+            config.remote.path,
+            self.master,
+            lambda: self.rules.rsync_filter_rules(),
+            DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
+        )
+        self.watcher: Watcher | None = None
+        self._stop = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._rules_dirty = False
+        self._degraded = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_progress = 0.0
+
+    # -- watcher sink ----------------------------------------------------------
+
+    def changed(self, rel: str, recursive: bool) -> None:
+        self.batcher.add(rel, recursive)
+
+    def rescan(self, reason: str) -> None:
+        self.batcher.request_full(reason)
+
+    def degraded(self, cause: str, fix: str) -> None:
+        self.reporter.emit(Problem(cause + "; falling back to a full reconcile every "
+                                   f"{self.config.sync.poll_interval:g}s", fix))
+        if not self._degraded:
+            self._degraded = True
+            self._tasks.append(asyncio.create_task(self._poll()))
+        self.batcher.request_full("watcher degraded")
+
+    def rules_changed(self, rel: str) -> None:
+        self._rules_dirty = True
+        self.batcher.request_full(f"{rel} changed")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until done (``once``) or stopped; errors propagate as DevSyncError."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        main = asyncio.create_task(self._main())
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                main.result()
+            else:
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+                self.reporter.emit(Stopped("signal"))
+        finally:
+            stopper.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.watcher is not None:
+            self.watcher.close()
+        await self.master.close()
+
+    def _state(self, state: str, detail: str = "") -> None:
+        self.reporter.emit(StateChanged(state, detail))
+
+    def _check_local(self) -> None:
+        version = local_rsync_version()
+        if version is None:
+            raise DevSyncError(
+                "rsync is not installed on this machine",
+                "install it: `sudo apt-get install rsync` (Debian/Ubuntu) or `brew install rsync`",
+            )
+        if version < remote.MIN_RSYNC:
+            have = ".".join(map(str, version))
+            raise DevSyncError(
+                f"the local rsync is {have}; dev-sync needs 3.2.3 or newer",
+                "upgrade rsync (on macOS the built-in openrsync is too old: `brew install rsync`)",
+            )
+        if not self.root.is_dir():
+            raise SafetyStop(f"the local root {self.root} is missing", "restore it or fix --config")
+
+    async def _connect(self) -> None:
+        self._state("connecting", self.master.target.label)
+        await self.master.connect()
+        info = await remote.prepare(self.master, self.config.remote.path, adopt=self.adopt)
+        self._lost.clear()
+        self._tasks.append(asyncio.create_task(self._monitor_master()))
+        self.reporter.emit(
+            Connected(
+                self.master.target.label,
+                self.config.remote.path,
+                info.rsync_banner.replace("  ", " ").strip(),
+                adopted=self.adopt and info.state == "nonempty",
+                created=info.created,
+            )
+        )
+
+    async def _main(self) -> None:
+        self._check_local()
+        if self.once:
+            for _ in walk_dirs(self.rules):  # reads every .gitignore on the way
+                pass
+        else:
+            self.watcher = make_watcher(
+                self.root, self.rules, self, self.config.sync.watcher
+            )
+            await self.watcher.start()
+        await self._connect()
+        await self._reconcile(("start",))
+        if self.once or self.watcher is None:
+            return
+        self._tasks.append(asyncio.create_task(self._watch()))
+        self._state("watching")
+        self.reporter.emit(Watching(type(self.watcher).__name__.removesuffix("Watcher").lower(),
+                                    self.watcher.watched_dirs))
+        await self._loop()
+
+    async def _watch(self) -> None:
+        assert self.watcher is not None
+        await self.watcher.run()
+
+    async def _monitor_master(self) -> None:
+        await self.master.wait_closed()
+        self._lost.set()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync.poll_interval)
+            self.batcher.request_full("periodic reconcile")
+
+    # -- work ------------------------------------------------------------------
+
+    def _on_progress(self, p: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= 0.1 or p.percent == 100:
+            self._last_progress = now
+            self.reporter.emit(ReconcileProgress(p.bytes, p.percent, p.rate, p.files, p.total))
+
+    async def _reconcile(self, reasons: tuple[str, ...]) -> None:
+        if not self.root.is_dir():
+            raise SafetyStop(
+                f"the local root {self.root} was removed or moved; nothing was deleted remotely",
+                "restore the folder and start dev-sync again",
+            )
+        if self._rules_dirty:
+            self._rules_dirty = False
+            self.rules = self.rules.reload()
+            if self.watcher is not None:
+                self.watcher.set_rules(self.rules)
+        self._state("reconciling", ", ".join(r for r in reasons if r != "start"))
+        stats = await self.pusher.reconcile(self._on_progress)
+        self.reporter.emit(
+            Reconciled(stats.files, stats.size, stats.deleted, stats.total,
+                       round(stats.seconds * 1000), reasons)
+        )
+        self._state("watching" if not self.once else "done")
+
+    async def _push(self, batch: Batch) -> None:
+        stats = await self.pusher.push(batch.changes)
+        self.reporter.emit(
+            Pushed(len(batch), stats.files, stats.size, stats.deleted,
+                   round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]))
+        )
+        for line in stats.warnings[:5]:
+            self.reporter.emit(Problem(line))
+
+    async def _next(self) -> Batch | None:
+        """The next batch, or None when the connection dropped first."""
+        if self._lost.is_set():
+            return None
+        return await _first(self.batcher.next_batch(), self._lost.wait())
+
+    async def _loop(self) -> None:
+        retry_full = False
+        while True:
+            batch = await self._next()
+            if batch is None:
+                await self._recover(self.master.last_error() or "connection closed")
+                continue
+            if retry_full and not batch.full:
+                self.batcher.requeue(batch)
+                batch = Batch((), full=True, reasons=("retry after an error",))
+            retry_full = False
+            try:
+                if batch.full:
+                    await self._reconcile(batch.reasons)
+                else:
+                    await self._push(batch)
+            except ConnectionLost as exc:
+                self.batcher.requeue(batch)
+                await self._recover(str(exc))
+            except SafetyStop:
+                raise
+            except DevSyncError as exc:
+                # Disk full, permissions...: report, keep watching, and retry
+                # everything with a reconcile on the next change.
+                self.reporter.emit(Problem(exc.cause, exc.fix or "", level="error"))
+                retry_full = True
+
+    async def _recover(self, reason: str) -> None:
+        """Offline until the remote answers again, then reconcile everything."""
+        await self.master.close()
+        self._state("offline", reason)
+        for attempt in range(1_000_000):
+            delay = BACKOFF[min(attempt, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2)  # noqa: S311
+            self.reporter.emit(Offline(reason, round(delay, 1), self.batcher.pending))
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except ConnectionFailed as exc:
+                reason = exc.cause
+                continue
+            self.batcher.request_full("reconnected")
+            return
+
+
+async def _first(a: Awaitable[T], b: Awaitable[object]) -> T | None:
+    """Await both; return a's result if it finishes first, else None (cancelling a)."""
+    ta = asyncio.ensure_future(a)
+    tb = asyncio.ensure_future(b)
+    try:
+        done, _ = await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (ta, tb):
+            if not t.done():
+                t.cancel()
+    if ta in done:
+        return ta.result()
+    return None
+
+

@@ -1,0 +1,296 @@
+"""What the engine tells the world, and the three places it goes.
+
+The engine emits typed events and knows nothing of terminals: a console
+reporter renders them for people, a JSON reporter prints one object per line
+for tools, and the status file keeps the latest picture for `dev-sync status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from dev_sync.state import SessionFiles
+
+
+@dataclass(frozen=True)
+class Event:
+    @property
+    def kind(self) -> str:
+        name = type(self).__name__
+        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    state: str  # connecting | reconciling | watching | offline | stopped
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Connected(Event):
+    host: str
+    remote_root: str
+    rsync: str
+    adopted: bool = False
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class ReconcileProgress(Event):
+    bytes: int
+    percent: int
+    rate: str
+    files: int
+    total: int | None
+
+
+@dataclass(frozen=True)
+class Reconciled(Event):
+    files: int
+    bytes: int
+    deleted: int
+    total: int
+    ms: int
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Watching(Event):
+    backend: str
+    directories: int
+
+
+@dataclass(frozen=True)
+class Pushed(Event):
+    paths: int
+    files: int
+    bytes: int
+    deleted: int
+    ms: int
+    sample: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Offline(Event):
+    reason: str
+    retry_in: float
+    pending: int
+
+
+@dataclass(frozen=True)
+class Problem(Event):
+    """Something the user should know about; the session carries on."""
+
+    cause: str
+    fix: str = ""
+    level: str = "warning"
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    reason: str = "stopped"
+
+
+class Reporter(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+class ConsoleReporter:
+    """Human output: a line per batch, a progress bar for a long reconcile."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._progress_since = 0.0
+
+    def _stamp(self) -> str:
+        return time.strftime("%H:%M:%S")
+
+    def _bar(self, event: ReconcileProgress) -> None:
+        if not self.console.is_terminal:
+            return
+        now = time.monotonic()
+        if self._progress is None:
+            if not self._progress_since:
+                self._progress_since = now
+            if now - self._progress_since < 0.5:  # only for what takes more than a moment
+                return
+            self._progress = Progress(
+                TextColumn("reconciling"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[files]} files"),
+                TextColumn("{task.fields[size]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("sync", total=100, files=0, size="", rate="")
+        assert self._task is not None
+        self._progress.update(
+            self._task,
+            completed=event.percent,
+            files=f"{event.files:,}",
+            size=_size(event.bytes),
+            rate=event.rate,
+        )
+
+    def _end_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress = None
+        self._task = None
+        self._progress_since = 0.0
+
+    def emit(self, event: Event) -> None:
+        c = self.console
+        match event:
+            case ReconcileProgress():
+                self._bar(event)
+            case StateChanged(state="connecting", detail=detail):
+                c.print(f"[dim]{self._stamp()}[/] connecting to {detail}…")
+            case StateChanged(state="reconciling", detail=detail):
+                c.print(f"[dim]{self._stamp()}[/] reconciling{f' ({detail})' if detail else ''}…")
+            case StateChanged():
+                pass
+            case Connected():
+                note = " (adopted)" if event.adopted else " (created)" if event.created else ""
+                c.print(
+                    f"[dim]{self._stamp()}[/] connected to [bold]{event.host}[/]:"
+                    f"{event.remote_root}{note}, remote {event.rsync}"
+                )
+            case Reconciled():
+                self._end_bar()
+                c.print(
+                    f"[dim]{self._stamp()}[/] [green]in sync[/]: {event.total:,} entries, "
+                    f"sent {event.files:,} files ({_size(event.bytes)}), "
+                    f"deleted {event.deleted:,}, {event.ms} ms"
+                )
+            case Watching():
+                c.print(
+                    f"[dim]{self._stamp()}[/] watching {event.directories:,} folders "
+                    f"({event.backend}); Ctrl-C to stop"
+                )
+            case Pushed():
+                what = ", ".join(event.sample[:3]) + ("…" if event.paths > 3 else "")
+                dele = f", deleted {event.deleted}" if event.deleted else ""
+                c.print(
+                    f"[dim]{self._stamp()}[/] [cyan]↑[/] {event.files} files "
+                    f"({_size(event.bytes)}){dele} in {event.ms} ms  [dim]{_escape(what)}[/]"
+                )
+            case Offline():
+                self._end_bar()
+                c.print(
+                    f"[dim]{self._stamp()}[/] [yellow]offline[/]: {_escape(event.reason)}; "
+                    f"{event.pending} changes queued, retrying in {event.retry_in:.1f}s"
+                )
+            case Problem():
+                color = "red" if event.level == "error" else "yellow"
+                stamp = self._stamp()
+                c.print(f"[dim]{stamp}[/] [{color}]{event.level}[/]: {_escape(event.cause)}")
+                if event.fix:
+                    c.print(f"  [dim]fix:[/] {_escape(event.fix)}")
+            case Stopped():
+                self._end_bar()
+                c.print(f"[dim]{self._stamp()}[/] stopped ({event.reason})")
+            case _:
+                pass
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text.replace("\n", "\\n"))
+
+
+class JsonReporter:
+    """One JSON object per line on stdout, for editors and scripts."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def emit(self, event: Event) -> None:
+        data: dict[str, Any] = {"event": event.kind, "ts": round(time.time(), 3), **asdict(event)}
+        self.stream.write(json.dumps(data, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class StatusReporter:
+    """Keeps ``status.json`` current for `dev-sync status` (and tray tools)."""
+
+    files: SessionFiles
+    info: dict[str, Any]
+    pending: Any = None  # callable returning the queued change count
+    state: str = "starting"
+    since: float = field(default_factory=time.time)
+    last_push: dict[str, Any] | None = None
+    pushes: int = 0
+    errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
+
+    def emit(self, event: Event) -> None:
+        match event:
+            case StateChanged(state=state):
+                self.state, self.since = state, time.time()
+            case Pushed() | Reconciled():
+                self.pushes += 1
+                self.last_push = {"ts": time.time(), "kind": event.kind, **asdict(event)}
+            case Problem() | Offline():
+                self.errors.append({"ts": time.time(), "kind": event.kind, **asdict(event)})
+            case Stopped():
+                self.state, self.since = "stopped", time.time()
+            case _:
+                return
+        self.write()
+
+    def write(self) -> None:
+        self.files.write_status(
+            {
+                **self.info,
+                "pid": os.getpid(),
+                "state": self.state,
+                "since": self.since,
+                "pending": self.pending() if callable(self.pending) else 0,
+                "pushes": self.pushes,
+                "last_push": self.last_push,
+                "errors": list(self.errors),
+                "updated": time.time(),
+            }
+        )
+
+
+class Fanout:
+    def __init__(self, reporters: Sequence[Reporter]) -> None:
+        self.reporters = list(reporters)
+
+    def emit(self, event: Event) -> None:
+        for r in self.reporters:
+            r.emit(event)
