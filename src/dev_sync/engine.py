@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import time
@@ -189,7 +190,6 @@ class Engine:
         if self.once or self.watcher is None:
             return
         self._tasks.append(asyncio.create_task(self._watch()))
-        self._state("watching")
         self.reporter.emit(Watching(type(self.watcher).__name__.removesuffix("Watcher").lower(),
                                     self.watcher.watched_dirs))
         await self._loop()
@@ -232,10 +232,23 @@ class Engine:
             Reconciled(stats.files, stats.size, stats.deleted, stats.total,
                        round(stats.seconds * 1000), reasons)
         )
-        self._state("watching" if not self.once else "done")
+        if self.watcher is not None and not self.once:
+            self._state("watching")
+
+    def _included(self, rel: str) -> bool:
+        """rsync does not apply rules to the parents of listed names: filter here too."""
+        path = self.root / rel
+        if path.is_dir() and not path.is_symlink():
+            return not self.rules.is_excluded(rel, True)
+        if os.path.lexists(path):
+            return not self.rules.is_excluded(rel, False)
+        return not (self.rules.is_excluded(rel, False) or self.rules.is_excluded(rel, True))
 
     async def _push(self, batch: Batch) -> None:
-        stats = await self.pusher.push(batch.changes)
+        changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]
+        if not changes:
+            return
+        stats = await self.pusher.push(changes)
         self.reporter.emit(
             Pushed(len(batch), stats.files, stats.size, stats.deleted,
                    round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]))

@@ -96,6 +96,14 @@ _PROGRESS = re.compile(
     r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+\S+(?:\s+\(xfr#(\d+), \w+-chk=(\d+)/(\d+)\))?"
 )
 _SKIPPED = re.compile(rb"--max-delete limit \((\d+) skipped\)")
+# What rsync says about files that changed under it: the watcher reports
+# those paths again, so they are not the user's concern.
+_EXPECTED_NOISE = (
+    "non-empty directory",
+    "file has vanished",
+    "some files vanished",
+    "parent dir is absent",
+)
 _NONEMPTY = re.compile(rb"^cannot delete non-empty directory: (.*)$", re.M)
 
 
@@ -172,6 +180,9 @@ class RsyncPusher:
         args = [
             "rsync", "--recursive", "--links", "--perms", "--times",
             "--secluded-args", "--no-human-readable", "--stats",
+            # Compare mtimes to the nanosecond: two saves of the same size
+            # within one second must not look unchanged.
+            "--modify-window=-1",
             "-e", self.master.rsync_rsh(),
         ]
         args += [f"--filter={rule}" for rule in self.filter_rules()]
@@ -185,7 +196,8 @@ class RsyncPusher:
         ok: frozenset[int] = frozenset({0, VANISHED}),
         progress: Callable[[Progress], None] | None = None,
     ) -> runner.Result:
-        data = None if files is None else b"".join(os.fsencode(f) + b"\0" for f in files)
+        # "./" keeps rsync from reading a name that starts with # or ; as a comment.
+        data = None if files is None else b"".join(b"./" + os.fsencode(f) + b"\0" for f in files)
         if progress is None:
             result = await runner.arun(argv, input=data, check=False)
         else:
@@ -262,15 +274,23 @@ class RsyncPusher:
     async def push(self, changes: Sequence[tuple[str, bool]]) -> Stats:
         """Send one batch: (relative path, whole subtree?) pairs."""
         started = time.monotonic()
+        wanted: dict[str, bool] = {}
+        for rel, recursive in changes:
+            if not rel:
+                continue
+            if not os.path.lexists(self.local_root / rel):
+                # rsync deletes a missing path only if its parent is still
+                # there: name the topmost vanished ancestor instead.
+                top = self._vanished_ancestor(rel)
+                if top != rel:
+                    rel, recursive = top, True
+            wanted[rel] = wanted.get(rel, False) or recursive
         listed: list[str] = []
         subtree = False
         gone_dirs: list[str] = []
         gone = 0
-        for rel, recursive in changes:
-            if not rel:
-                continue
-            exists = os.path.lexists(self.local_root / rel)
-            if not exists:
+        for rel, recursive in wanted.items():
+            if not os.path.lexists(self.local_root / rel):
                 gone += 1
                 if recursive:
                     gone_dirs.append(rel)
@@ -292,6 +312,13 @@ class RsyncPusher:
         stats.seconds = time.monotonic() - started
         return stats
 
+    def _vanished_ancestor(self, rel: str) -> str:
+        top = rel
+        parent = os.path.dirname(rel)
+        while parent and not os.path.lexists(self.local_root / parent):
+            top, parent = parent, os.path.dirname(parent)
+        return top
+
     async def _push_listed(self, listed: list[str], subtree: bool) -> Stats:
         argv = [*self._base(), "--from0", "--files-from=-", "--delete-missing-args"]
         if subtree:
@@ -302,7 +329,8 @@ class RsyncPusher:
         result = await self._rsync(argv, files=listed, ok=frozenset({0, VANISHED, PARTIAL}))
         stats = parse_stats(result.stdout)
         stats.warnings = [
-            ln for ln in result.err.splitlines() if ln.strip() and "non-empty directory" not in ln
+            ln for ln in result.err.splitlines()
+            if ln.strip() and not any(quiet in ln for quiet in _EXPECTED_NOISE)
         ]
         stats.stderr = result.stderr
         return stats

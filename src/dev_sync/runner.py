@@ -77,7 +77,7 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
 def run(
     argv: Sequence[str],
     *,
-    input: bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: bytes | None = None,
     check: bool = True,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
@@ -129,7 +129,7 @@ async def start(
 async def arun(
     argv: Sequence[str],
     *,
-    input: bytes | None = None,  # noqa: A002
+    input: bytes | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> Result:
