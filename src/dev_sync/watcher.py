@@ -73,7 +73,8 @@ class Sink(Protocol):
 
         ``recursive`` is true when a directory appeared (created or moved in):
         its whole subtree must be re-sent, because files created in it before its
-        watch landed produced no event of their own.
+        watch landed produced no event of their own. It is also true when a
+        directory was deleted or moved out: its remote copy is a subtree to clear.
         """
 
     def rescan(self, reason: str) -> None:
@@ -488,11 +489,13 @@ class InotifyWatcher:
         elif mask & IN_MOVED_FROM:
             self._unwatch_subtree(rel)
             if not excluded:
-                self._sink.changed(rel, False)
+                self._sink.changed(rel, True)
         elif mask & IN_DELETE:
             self._unwatch(rel)  # rmdir needs it empty: the subtree is gone already
             if not excluded:
-                self._sink.changed(rel, False)
+                # The remote copy may still hold a subtree (and excluded content
+                # that must survive): the pusher clears it as a whole.
+                self._sink.changed(rel, True)
         elif mask & IN_ATTRIB and not excluded:
             self._sink.changed(rel, False)
 
