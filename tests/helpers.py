@@ -90,25 +90,38 @@ def tree_snapshot(root: Path, ignore: IgnoreFn | None = None) -> dict[str, Entry
     snapshot: dict[str, Entry] = {}
 
     def walk(folder: Path, prefix: str) -> None:
-        with os.scandir(folder) as entries:
-            for item in sorted(entries, key=lambda e: e.name):
-                rel = prefix + item.name
-                st = item.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    if ignore is not None and ignore(rel + "/"):
-                        continue
-                    snapshot[rel] = Entry("dir")
-                    walk(Path(item.path), rel + "/")
-                    continue
-                if ignore is not None and ignore(rel):
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    snapshot[rel] = Entry("symlink", target=os.readlink(item.path))
-                elif stat.S_ISREG(st.st_mode):
-                    data = Path(item.path).read_bytes()
-                    snapshot[rel] = Entry("file", data, bool(st.st_mode & stat.S_IXUSR))
-                else:
-                    snapshot[rel] = Entry("other")
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except FileNotFoundError:
+            snapshot[prefix.rstrip("/")] = Entry("vanished")
+            return
+        for item in entries:
+            rel = prefix + item.name
+            try:
+                one(item, rel)
+            except FileNotFoundError:
+                # Changing under our feet (an rsync temp file, a rename): a
+                # state no comparison accepts, so the caller looks again.
+                snapshot[rel] = Entry("vanished")
+
+    def one(item: os.DirEntry[str], rel: str) -> None:
+        st = item.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            if ignore is not None and ignore(rel + "/"):
+                return
+            snapshot[rel] = Entry("dir")
+            walk(Path(item.path), rel + "/")
+            return
+        if ignore is not None and ignore(rel):
+            return
+        if stat.S_ISLNK(st.st_mode):
+            snapshot[rel] = Entry("symlink", target=os.readlink(item.path))
+        elif stat.S_ISREG(st.st_mode):
+            data = Path(item.path).read_bytes()
+            snapshot[rel] = Entry("file", data, bool(st.st_mode & stat.S_IXUSR))
+        else:
+            snapshot[rel] = Entry("other")
 
     walk(root, "")
     return snapshot

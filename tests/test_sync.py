@@ -1,0 +1,396 @@
+"""End-to-end sync against a real sshd and real rsync: reconcile, watch, safety, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from driver import Session, json_events, run_cli, ssh_processes
+from helpers import Project, TcpProxy, tree_snapshot, wait_in_sync, wait_until
+
+from dev_sync.ssh import Target
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEV_SYNC_STATE_DIR", str(tmp_path / "state"))
+
+
+def excluded(rel: str) -> bool:
+    parts = rel.split("/")
+    return "node_modules" in parts or ".git" in parts
+
+
+def make_tree(root: Path) -> None:
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "mod.py").write_text("print('hi')\n")
+    (root / "src" / "main.py").write_text("import pkg\n")
+    (root / "bin").mkdir()
+    (root / "bin" / "run").write_text("#!/bin/sh\necho run\n")
+    (root / "bin" / "run").chmod(0o755)
+    (root / "empty" / "nested").mkdir(parents=True)
+    os.symlink("src/main.py", root / "link-to-main")
+    os.symlink("does/not/exist", root / "dangling")
+    (root / "blob.bin").write_bytes(bytes(range(256)) * 400)
+    (root / "node_modules" / "left").mkdir(parents=True)
+    (root / "node_modules" / "left" / "index.js").write_text("x")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+
+
+def once(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("up", "--once", "--json", "--config", str(project.config), *args)
+
+
+def reconciled(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    events = [e for e in json_events(result.stdout) if e["event"] == "reconciled"]
+    assert events, result.stdout + result.stderr
+    return events[-1]
+
+
+# -- reconcile -------------------------------------------------------------------
+
+
+def test_once_mirrors_tree_and_second_run_sends_nothing(project: Project) -> None:
+    make_tree(project.local)
+    result = once(project)
+    assert result.returncode == 0, result.stderr
+    wait_in_sync(project.local, project.remote, ignore=excluded, timeout=1)
+    assert (project.remote / ".dev-sync-root").is_file()
+    assert not (project.remote / "node_modules").exists()
+    assert not (project.remote / ".git").exists()
+    assert os.access(project.remote / "bin" / "run", os.X_OK)
+    assert os.readlink(project.remote / "link-to-main") == "src/main.py"
+    assert (project.remote / "empty" / "nested").is_dir()
+    assert reconciled(result)["files"] > 0
+
+    again = once(project)
+    assert again.returncode == 0, again.stderr
+    assert reconciled(again)["files"] == 0
+    assert reconciled(again)["deleted"] == 0
+
+
+def test_once_propagates_deletions_but_keeps_excluded_remote_content(project: Project) -> None:
+    make_tree(project.local)
+    assert once(project).returncode == 0
+    # Installed on the remote only: must survive every sync.
+    (project.remote / "node_modules" / "dep").mkdir(parents=True)
+    (project.remote / "node_modules" / "dep" / "index.js").write_text("remote")
+    (project.remote / "src" / "node_modules" / "x").mkdir(parents=True)
+    (project.remote / "remote-only.log").write_text("log")
+    (project.local / ".gitignore").write_text("*.log\n")
+    (project.local / "src" / "main.py").unlink()
+    (project.local / "empty" / "nested").rmdir()
+    result = once(project)
+    assert result.returncode == 0, result.stderr
+    wait_in_sync(project.local, project.remote,
+                 ignore=lambda r: excluded(r) or r.endswith(".log"), timeout=1)
+    assert (project.remote / "node_modules" / "dep" / "index.js").read_text() == "remote"
+    assert (project.remote / "src" / "node_modules" / "x").is_dir()
+    assert (project.remote / "remote-only.log").exists()
+
+
+def test_gitignore_nested_and_negation(project: Project) -> None:
+    (project.local / ".gitignore").write_text("*.tmp\nbuild/\n")
+    (project.local / "a").mkdir()
+    (project.local / "a" / ".gitignore").write_text("!keep.tmp\nsecret.txt\n")
+    for rel in ["x.tmp", "a/keep.tmp", "a/drop.tmp", "a/secret.txt", "a/ok.txt", "build/out.js"]:
+        (project.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project.local / rel).write_text(rel)
+    project.write_config(exclude=["*.secret"])
+    (project.local / "k.secret").write_text("k")
+    assert once(project).returncode == 0
+    have = set(tree_snapshot(project.remote))
+    assert "a/keep.tmp" in have and "a/ok.txt" in have
+    for gone in ["x.tmp", "a/drop.tmp", "a/secret.txt", "build", "k.secret"]:
+        assert gone not in have
+
+
+HOSTILE = [
+    "with space.txt",
+    "new\nline.txt",
+    "-e",
+    "--delete",
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "quote'single.txt",
+    'quote"double.txt',
+    "back\\slash.txt",
+    "ünïcødé-日本.txt",
+    "semi;colon&amp|pipe.txt",
+    "star*?[x].txt",
+    "#hash.txt",
+    "L" * 240,
+]
+
+
+def test_hostile_names_are_data(project: Project) -> None:
+    d = project.local / "-dir with $(x)"
+    d.mkdir()
+    for name in HOSTILE:
+        (project.local / name).write_text(name)
+        (d / name).write_text(name)
+    result = once(project)
+    assert result.returncode == 0, result.stderr
+    wait_in_sync(project.local, project.remote, timeout=1)
+    assert not list(Path("/").glob("PWNED")) and not (project.remote / "PWNED").exists()
+    assert not (project.local / "PWNED").exists()
+
+
+# -- safety ----------------------------------------------------------------------
+
+
+def test_refuses_non_empty_root_without_marker_unless_adopted(project: Project) -> None:
+    project.remote.mkdir()
+    (project.remote / "precious.txt").write_text("keep me")
+    (project.local / "a.txt").write_text("a")
+    result = once(project)
+    assert result.returncode == 1
+    assert "not empty" in result.stderr and "--adopt" in result.stderr
+    assert (project.remote / "precious.txt").read_text() == "keep me"
+    assert not (project.remote / "a.txt").exists()
+
+    adopted = once(project, "--adopt")
+    assert adopted.returncode == 0, adopted.stderr
+    assert (project.remote / "a.txt").exists() and (project.remote / ".dev-sync-root").exists()
+
+
+def test_mass_deletion_stops_without_deleting(project: Project) -> None:
+    for i in range(120):
+        (project.local / f"f{i:03}.txt").write_text(str(i))
+    assert once(project).returncode == 0
+    for i in range(120):
+        (project.local / f"f{i:03}.txt").unlink()
+    result = once(project)
+    assert result.returncode == 1
+    assert "refusing to delete" in result.stderr and "--allow-delete" in result.stderr
+    assert len(list(project.remote.glob("f*.txt"))) == 120
+    forced = once(project, "--allow-delete")
+    assert forced.returncode == 0, forced.stderr
+    assert not list(project.remote.glob("f*.txt"))
+
+
+def test_unreachable_host_exits_1_with_cause(project: Project) -> None:
+    with TcpProxy(project.sandbox.port) as proxy:
+        project.write_config(remote={**project.via_proxy(proxy), "connect_timeout": 3})
+        proxy.cut()
+        started = time.monotonic()
+        result = once(project)
+    assert result.returncode == 1
+    assert "refused" in result.stderr and "fix:" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_unknown_host_says_dns(project: Project) -> None:
+    project.write_config(remote={"host": "no-such-host.invalid", "ssh_config": "/dev/null",
+                                 "connect_timeout": 3})
+    result = once(project)
+    assert result.returncode == 1
+    assert "resolve" in result.stderr
+
+
+# -- watching --------------------------------------------------------------------
+
+
+def test_watch_pushes_every_kind_of_change(project: Project) -> None:
+    make_tree(project.local)
+    local, remote = project.local, project.remote
+    with Session(project.config) as s:
+        s.wait_watching()
+        wait_in_sync(local, remote, ignore=excluded)
+
+        (local / "src" / "main.py").write_text("edited\n")
+        (local / "new.txt").write_text("new")
+        wait_in_sync(local, remote, ignore=excluded)
+
+        (local / "blob.bin").unlink()
+        (local / "src" / "pkg").rename(local / "src" / "renamed")
+        (local / "new.txt").rename(local / "moved.txt")
+        wait_in_sync(local, remote, ignore=excluded)
+
+        (local / "src" / "renamed" / "inside.py").write_text("after rename")
+        deep = local / "x" / "y" / "z"
+        deep.mkdir(parents=True)
+        (deep / "f.txt").write_text("deep")
+        (local / "moved.txt").chmod(0o755)
+        os.unlink(local / "link-to-main")
+        os.symlink("bin/run", local / "link-to-main")
+        wait_in_sync(local, remote, ignore=excluded)
+
+        # A file replaced by a directory and back.
+        (local / "moved.txt").unlink()
+        (local / "moved.txt").mkdir()
+        (local / "moved.txt" / "child").write_text("c")
+        (local / "bin" / "run").unlink()
+        (local / "bin" / "run").mkdir()
+        wait_in_sync(local, remote, ignore=excluded)
+        (local / "bin" / "run").rmdir()
+        (local / "bin" / "run").write_text("file again")
+        wait_in_sync(local, remote, ignore=excluded)
+
+        # Excluded paths never travel.
+        (local / "node_modules" / "new").mkdir()
+        (local / "node_modules" / "new" / "x.js").write_text("x")
+        (local / "marker.txt").write_text("after excluded change")
+        wait_in_sync(local, remote, ignore=excluded)
+        assert not (remote / "node_modules").exists()
+
+        pushes = s.of_kind("pushed")
+        assert pushes and all(p["ms"] >= 0 and "files" in p and "bytes" in p for p in pushes)
+        assert s.stop() == 0
+
+
+def test_watch_deleting_a_directory_keeps_remote_node_modules(project: Project) -> None:
+    svc = project.local / "svc"
+    (svc / "lib").mkdir(parents=True)
+    (svc / "lib" / "a.js").write_text("a")
+    (svc / "index.js").write_text("i")
+    with Session(project.config) as s:
+        s.wait_watching()
+        wait_in_sync(project.local, project.remote)
+        (project.remote / "svc" / "node_modules" / "dep").mkdir(parents=True)
+        (project.remote / "svc" / "node_modules" / "dep" / "i.js").write_text("installed")
+        subprocess.run(["rm", "-rf", str(svc)], check=True)
+        wait_until(lambda: not (project.remote / "svc" / "lib").exists(), timeout=10)
+        assert not (project.remote / "svc" / "index.js").exists()
+        assert (project.remote / "svc" / "node_modules" / "dep" / "i.js").read_text() == "installed"
+        assert s.stop() == 0
+
+
+def test_watch_hostile_names(project: Project) -> None:
+    with Session(project.config) as s:
+        s.wait_watching()
+        d = project.local / "--sub dir"
+        d.mkdir()
+        for name in HOSTILE:
+            (project.local / name).write_text(name)
+            (d / name).write_text(name)
+        wait_in_sync(project.local, project.remote)
+        for name in HOSTILE[:6]:
+            (project.local / name).unlink()
+        wait_in_sync(project.local, project.remote)
+        assert not (project.remote / "PWNED").exists()
+        assert s.stop() == 0
+
+
+def test_git_checkout_sized_burst_is_a_few_transfers(project: Project) -> None:
+    with Session(project.config) as s:
+        s.wait_watching()
+        for i in range(2000):
+            sub = project.local / f"d{i % 20}"
+            sub.mkdir(exist_ok=True)
+            (sub / f"f{i}.ts").write_text(f"export const x = {i};\n")
+        wait_in_sync(project.local, project.remote, timeout=60)
+        batches = s.of_kind("pushed") + s.of_kind("reconciled")[1:]
+        assert 1 <= len(batches) <= 15, [(b["event"], b.get("paths")) for b in batches]
+        assert s.stop() == 0
+
+
+def test_sigterm_and_sigint_stop_cleanly_without_leftover_ssh(project: Project) -> None:
+    (project.local / "a").write_text("a")
+    cfg = project.write_config()
+    from dev_sync.config import load_config
+
+    control = str(Target.from_config(load_config(cfg)).control_path())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with Session(project.config) as s:
+            s.wait_watching()
+            assert ssh_processes(control), "the master connection should be up"
+            assert s.stop(sig) == 0
+            assert s.of_kind("stopped")
+        wait_until(lambda: not ssh_processes(control), timeout=5,
+                   message=lambda: str(ssh_processes(control)))
+        assert not os.path.exists(control)
+
+
+def test_connection_cut_goes_offline_and_converges(project: Project) -> None:
+    (project.local / "before.txt").write_text("before")
+    with TcpProxy(project.sandbox.port) as proxy:
+        project.write_config(remote=project.via_proxy(proxy))
+        from dev_sync.config import load_config
+
+        control = str(Target.from_config(load_config(project.config)).control_path())
+        with Session(project.config) as s:
+            s.wait_watching()
+            wait_in_sync(project.local, project.remote)
+            proxy.cut()
+            s.wait_for("offline", timeout=30)
+            (project.local / "during.txt").write_text("written while offline")
+            (project.local / "before.txt").unlink()
+            (project.local / "dir").mkdir()
+            (project.local / "dir" / "f").write_text("f")
+            # Still offline: nothing can have landed.
+            assert not (project.remote / "during.txt").exists()
+            proxy.restore()
+            wait_in_sync(project.local, project.remote, timeout=30)
+            assert s.of_kind("reconciled")[-1]["reasons"]
+            # One master, not one per attempt.
+            masters = [p for p in ssh_processes(control) if " -M " in f" {p} "]
+            assert len(masters) == 1, masters
+            # Normal pushes carry on afterwards.
+            (project.local / "after.txt").write_text("after")
+            wait_in_sync(project.local, project.remote)
+            assert s.stop() == 0
+        wait_until(lambda: not ssh_processes(control), timeout=5)
+
+
+def test_status_detach_and_stop(project: Project) -> None:
+    (project.local / "a").write_text("a")
+    cfg = str(project.config)
+    result = run_cli("up", "--detach", "--config", cfg)
+    assert result.returncode == 0, result.stderr
+    try:
+        st = run_cli("status", "--json", "--config", cfg)
+        assert st.returncode == 0, st.stdout + st.stderr
+        import json
+
+        data = json.loads(st.stdout)
+        assert data["running"] and data["state"] == "watching"
+        (project.local / "b").write_text("b")
+        wait_in_sync(project.local, project.remote)
+
+        def pushed() -> bool:
+            d = json.loads(run_cli("status", "--json", "--config", cfg).stdout)
+            return bool(d.get("last_push")) and d["last_push"]["kind"] == "pushed"
+
+        wait_until(pushed, timeout=10)
+        human = run_cli("status", "--config", cfg)
+        assert "watching" in human.stdout and "last push" in human.stdout
+        again = run_cli("up", "--config", cfg, "--once")
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = run_cli("stop", "--config", cfg)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    after = run_cli("status", "--json", "--config", cfg)
+    assert after.returncode == 3
+
+
+def test_doctor_reports_ok_and_failures(project: Project) -> None:
+    ok = run_cli("doctor", "--config", str(project.config))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for word in ("ssh", "remote rsync", "local rsync", "remote root", "inotify"):
+        assert word in ok.stdout
+    project.remote.mkdir()
+    (project.remote / "x").write_text("x")
+    bad = run_cli("doctor", "--config", str(project.config))
+    assert bad.returncode == 1 and "--adopt" in bad.stdout
+
+
+def test_watchfiles_backend(project: Project) -> None:
+    project.write_config(watcher="watchfiles")
+    (project.local / "a.txt").write_text("a")
+    with Session(project.config) as s:
+        ev = s.wait_watching()
+        assert ev["backend"] == "watchfiles"
+        (project.local / "b.txt").write_text("b")
+        (project.local / "d" / "e").mkdir(parents=True)
+        (project.local / "d" / "e" / "f.txt").write_text("f")
+        wait_in_sync(project.local, project.remote)
+        (project.local / "a.txt").unlink()
+        (project.local / "d").rename(project.local / "d2")
+        wait_in_sync(project.local, project.remote)
+        assert s.stop() == 0
