@@ -394,3 +394,90 @@ def test_watchfiles_backend(project: Project) -> None:
         (project.local / "d").rename(project.local / "d2")
         wait_in_sync(project.local, project.remote)
         assert s.stop() == 0
+
+
+def _variant_ssh_config(project: Project, tmp_path: Path, replace: dict[str, str]) -> Path:
+    """The sandbox's ssh config with some option lines replaced."""
+    lines = []
+    for line in project.sandbox.ssh_config.read_text().splitlines():
+        key = line.strip().split(" ", 1)[0]
+        lines.append(f"  {key} {replace[key]}" if key in replace else line)
+    path = tmp_path / "variant.ssh_config"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_unknown_host_key_is_named(project: Project, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = _variant_ssh_config(project, tmp_path, {"UserKnownHostsFile": str(empty)})
+    project.write_config(remote={"ssh_config": str(cfg)})
+    result = once(project)
+    assert result.returncode == 1
+    assert "host key" in result.stderr and "fix:" in result.stderr
+
+
+def test_rejected_key_is_an_auth_error(project: Project, tmp_path: Path) -> None:
+    key = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    cfg = _variant_ssh_config(project, tmp_path, {"IdentityFile": str(key)})
+    project.write_config(remote={"ssh_config": str(cfg)})
+    result = once(project)
+    assert result.returncode == 1
+    assert "rejected the login" in result.stderr and "ssh-add" in result.stderr
+
+
+def test_gitignore_change_while_watching(project: Project) -> None:
+    (project.local / "keep.txt").write_text("k")
+    (project.local / "gen").mkdir()
+    (project.local / "gen" / "out.js").write_text("generated")
+    with Session(project.config) as s:
+        s.wait_watching()
+        wait_in_sync(project.local, project.remote)
+        # Newly ignored: stays on the remote (never deleted) and stops syncing.
+        (project.local / ".gitignore").write_text("gen/\n")
+        s.wait_for("reconciled", lambda e: any(".gitignore" in r for r in e["reasons"]))
+        (project.local / "gen" / "out.js").write_text("changed locally")
+        (project.local / "gen" / "new.js").write_text("new")
+        (project.local / "keep.txt").write_text("k2")
+        wait_until(lambda: (project.remote / "keep.txt").read_text() == "k2", timeout=10)
+        assert (project.remote / "gen" / "out.js").read_text() == "generated"
+        assert not (project.remote / "gen" / "new.js").exists()
+        # Un-ignored again: the folder is sent as it is now.
+        (project.local / ".gitignore").unlink()
+        wait_in_sync(project.local, project.remote)
+        (project.local / "gen" / "later.js").write_text("watched again")
+        wait_in_sync(project.local, project.remote)
+        assert s.stop() == 0
+
+
+WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(WATCHES, os.W_OK),
+                    reason="needs root to lower fs.inotify.max_user_watches")
+def test_watch_limit_falls_back_to_periodic_reconcile(project: Project) -> None:
+    import fcntl
+
+    for i in range(5):
+        (project.local / f"d{i}").mkdir()
+        (project.local / f"d{i}" / "f").write_text(str(i))
+    project.write_config(poll_interval=1.0)
+    # The same lock as the watcher tests: never two tests changing the limit at once.
+    with open("/tmp/dev-sync-test-inotify-sysctl.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = WATCHES.read_text()
+        try:
+            WATCHES.write_text("1\n")
+            s = Session(project.config)
+            problem = s.wait_for("problem", lambda e: "max_user_watches" in e["cause"])
+        finally:
+            WATCHES.write_text(saved)
+    with s:
+        assert "sysctl" in problem["fix"]
+        s.wait_watching()
+        (project.local / "d3" / "f").write_text("seen by the periodic reconcile")
+        (project.local / "d4" / "new").write_text("new")
+        wait_in_sync(project.local, project.remote, timeout=15)
+        assert s.proc.poll() is None
+        assert s.stop() == 0
