@@ -584,9 +584,59 @@ class Options:
     only: set[str] = field(default_factory=set)
 
 
+@dataclass
+class Trees:
+    tree: Path
+    stats: treegen.TreeStats
+    idle_tree: Path | None = None
+    idle_stats: treegen.TreeStats | None = None
+
+
+def prepare_trees(opts: Options) -> Trees:
+    """Make (or reuse) the trees; plain blocking code, before any process is started."""
+    spec = treegen.TreeSpec(opts.files, opts.nm_files, opts.seed)
+    tree, stats, reused = treegen.ensure_tree(WORK / "trees", spec, log=say)
+    say(f"tree {tree.name}: {stats.files:,} files ({stats.bytes / 1e6:.0f} MB), "
+        f"{stats.dirs:,} folders, +{stats.nm_files:,} in node_modules"
+        + (" (reused)" if reused else f" (made in {stats.seconds:.0f}s)"))
+    trees = Trees(tree, stats)
+    if "idle" in opts.only:
+        ispec = treegen.TreeSpec(opts.idle_files, opts.nm_files, opts.seed)
+        trees.idle_tree, trees.idle_stats, reused = treegen.ensure_tree(
+            WORK / "trees", ispec, log=say)
+        say(f"idle tree {trees.idle_tree.name}: {trees.idle_stats.files:,} files, "
+            f"{trees.idle_stats.dirs:,} folders"
+            + (" (reused)" if reused else f" (made in {trees.idle_stats.seconds:.0f}s)"))
+    return trees
+
+
+async def run_timed(argv: list[str], env: dict[str, str], timeout: float,
+                    ) -> tuple[float, int, bytes, bytes]:
+    """Run to completion: (seconds, exit code, stdout, stderr); killed if we are cancelled."""
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        raise
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode is not None
+    return elapsed, proc.returncode, out, err
+
+
 class Bench:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, trees: Trees) -> None:
         self.o = opts
+        self.tree = trees.tree
+        self.tree_stats = trees.stats
+        if trees.idle_tree is not None and trees.idle_stats is not None:
+            self.idle_tree = trees.idle_tree
+            self.idle_stats = trees.idle_stats
         self.tmp = Path(tempfile.mkdtemp(prefix="dev-sync-bench-"))
         self.env = {**os.environ, "DEV_SYNC_STATE_DIR": str(self.tmp / "state"),
                     "LC_ALL": "C"}
@@ -607,20 +657,8 @@ class Bench:
 
     # -- setup and teardown ----------------------------------------------------
 
-    def setup(self) -> None:
+    def start_sandbox(self) -> None:
         say(f"work folder {self.tmp}")
-        spec = treegen.TreeSpec(self.o.files, self.o.nm_files, self.o.seed)
-        self.tree, stats, reused = treegen.ensure_tree(WORK / "trees", spec, log=say)
-        say(f"tree {self.tree.name}: {stats.files:,} files ({stats.bytes / 1e6:.0f} MB), "
-            f"{stats.dirs:,} folders, +{stats.nm_files:,} in node_modules"
-            + (" (reused)" if reused else f" (made in {stats.seconds:.0f}s)"))
-        self.tree_stats = stats
-        if "idle" in self.o.only:
-            ispec = treegen.TreeSpec(self.o.idle_files, self.o.nm_files, self.o.seed)
-            self.idle_tree, istats, reused = treegen.ensure_tree(WORK / "trees", ispec, log=say)
-            say(f"idle tree {self.idle_tree.name}: {istats.files:,} files, {istats.dirs:,} "
-                f"folders" + (" (reused)" if reused else f" (made in {istats.seconds:.0f}s)"))
-            self.idle_stats = istats
         say("starting the sandbox sshd (clean shell)")
         self.sandbox = Sandbox(self.tmp / "sandbox", clean_shell=True)
         self.info = self.sandbox.start()
@@ -711,17 +749,15 @@ class Bench:
 
     # -- 1. initial sync ---------------------------------------------------------
 
-    def _run_once(self, cfg: Path) -> tuple[float, dict[str, Any], dict[str, float]]:
+    async def _run_once(self, cfg: Path) -> tuple[float, dict[str, Any], dict[str, float]]:
         os.sync()
         wall0 = time.time()
-        t0 = time.perf_counter()
-        res = subprocess.run([*self.dev_sync, "up", "--once", "--json", "--config", str(cfg)],
-                             capture_output=True, env=self.env, timeout=900, check=False)
-        elapsed = time.perf_counter() - t0
-        if res.returncode != 0:
-            raise RuntimeError(f"dev-sync up --once exited {res.returncode}: "
-                               f"{res.stderr.decode(errors='replace').strip()[-800:]}")
-        events = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith(b"{")]
+        elapsed, code, out, err = await run_timed(
+            [*self.dev_sync, "up", "--once", "--json", "--config", str(cfg)], self.env, 900)
+        if code != 0:
+            raise RuntimeError(f"dev-sync up --once exited {code}: "
+                               f"{err.decode(errors='replace').strip()[-800:]}")
+        events = [json.loads(ln) for ln in out.splitlines() if ln.startswith(b"{")]
         rec = [e for e in events if e.get("event") == "reconciled"]
         # Where the time went, from the events' own time stamps (ms resolution).
         first: dict[str, float] = {}
@@ -740,18 +776,16 @@ class Bench:
             }
         return elapsed, (rec[-1] if rec else {}), parts
 
-    def _run_plain_full(self, dest: Path) -> float:
+    async def _run_plain_full(self, dest: Path) -> float:
         assert self.info is not None
         os.sync()
         argv = ["rsync", "-a", "--exclude", "node_modules/", "--exclude", ".git/",
                 "-e", shlex.join(["ssh", "-F", str(self.info.ssh_config)]),
                 f"{self.tree}/", f"{self.info.host}:{dest}/"]
-        t0 = time.perf_counter()
-        res = subprocess.run(argv, capture_output=True, env=self.env, timeout=900, check=False)
-        elapsed = time.perf_counter() - t0
-        if res.returncode != 0:
-            raise RuntimeError(f"plain rsync exited {res.returncode}: "
-                               f"{res.stderr.decode(errors='replace').strip()[-500:]}")
+        elapsed, code, _, err = await run_timed(argv, self.env, 900)
+        if code != 0:
+            raise RuntimeError(f"plain rsync exited {code}: "
+                               f"{err.decode(errors='replace').strip()[-500:]}")
         return elapsed
 
     async def initial_sync(self) -> None:
@@ -766,7 +800,7 @@ class Bench:
             for who in order:
                 if who == "dev-sync":
                     rmtree(self.remote_ds)
-                    t, rec, parts = self._run_once(cfg)
+                    t, rec, parts = await self._run_once(cfg)
                     ds_times.append(t)
                     rsync_ms.append(int(rec.get("ms", 0)))
                     breakdown.append(parts)
@@ -776,7 +810,7 @@ class Bench:
                         + " ms)")
                 else:
                     rmtree(self.remote_plain)
-                    t = self._run_plain_full(self.remote_plain)
+                    t = await self._run_plain_full(self.remote_plain)
                     plain_times.append(t)
                     say(f"  round {rep + 1}: plain rsync      {t:6.2f}s")
             if rep == 0:
@@ -1070,7 +1104,7 @@ class Bench:
 
         if not self.remote_plain.is_dir():
             say("  (the plain copy is missing; making it)")
-            self._run_plain_full(self.remote_plain)
+            await self._run_plain_full(self.remote_plain)
         plain_lat = await self._save_loop("plain", self.remote_plain, rel, mut, push_one)
         s2 = plain_lat["summary_ms"]
         exits = plain_lat["rsync_exit_ms"]
@@ -1198,6 +1232,7 @@ class Bench:
             "files": self.idle_stats.files, "folders": self.idle_stats.dirs,
             "watched_dirs": watching.get("directories"), "backend": watching.get("backend"),
             "seconds": round(elapsed, 1), "cpu_pct": round(cpu_pct, 3),
+            "cpu_ticks": last.ticks - first.ticks, "clock_ticks_per_s": CLK_TCK,
             "cpu_pct_per_second": per_sec,
             "rss_mb_max": round(peak_rss / 1024, 1),
             "rss_mb_by_process": {f"{p} {names.get(p, '?')[:70]}": round(v / 1024, 1)
@@ -1312,10 +1347,22 @@ def markdown(results: dict[str, Any], opts: Options) -> str:
                      f"{d_tail:.2f} s", f"{p_tail:.2f} s", f"{d_tail / p_tail:.2f}x", "", ""))
         rows.append(("Burst: transfers (pushed events / rsync runs)",
                      f"{burst['pushed_events_median']:g}", "1", "", "", ""))
+    probe = results.get("same_size_saves")
+    if probe:
+        d, p = probe["dev_sync"], probe["plain"]
+        rows.append(("Same-size save within 1 s of the last push reaches the remote",
+                     f"{d['attempts'] - d['missed']}/{d['attempts']}",
+                     f"{p['attempts'] - p['missed']}/{p['attempts']} (`-a`)", "", "all",
+                     "yes" if not d["missed"] else "**no**"))
     idle = results.get("idle")
     if idle:
+        if idle.get("cpu_ticks") == 0:  # below what /proc can show over the window
+            resolution = 100 / (idle["clock_ticks_per_s"] * idle["seconds"])
+            cpu = f"< {resolution:.2f} % of a core"
+        else:
+            cpu = f"{idle['cpu_pct']:.2f} % of a core"
         rows.append((f"Idle CPU, {idle['files']:,} files watched ({idle['seconds']:.0f} s)",
-                     f"{idle['cpu_pct']:.2f} % of a core", "-", "", "< 1 %",
+                     cpu, "-", "", "< 1 %",
                      _ok(idle["cpu_pct"], TARGETS["idle_cpu_pct"])))
         rows.append(("Idle memory (max RSS, dev-sync + ssh master)",
                      f"{idle['rss_mb_max']:.0f} MB", "-", "", "< 80 MB",
@@ -1328,7 +1375,9 @@ def markdown(results: dict[str, Any], opts: Options) -> str:
         "",
         f"Loopback SSH to a private sshd (no shell rc files); {m['cores']} cores, {m['cpu']}, "
         f"Linux {m['kernel']}, rsync {m['rsync_version']}, {m['ssh'].split(',')[0]}; "
-        f"dev-sync {m['dev_sync']} ({m['commit']}).",
+        f"dev-sync {m['dev_sync']} ({m['commit']}). Local trees on disk, remote copies on "
+        f"{'tmpfs' if str(results.get('remote_folder', '')).startswith('/dev/shm') else 'disk'}"
+        " (the 100k-file idle tree's copy on disk).",
         "Plain rsync: the initial sync opens its own SSH connection (no ControlMaster, as "
         "dev-sync opens one master); saves and the burst use `rsync -a --files-from` over an "
         "already open ControlMaster, started right after the write.",
@@ -1372,8 +1421,8 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-async def amain(opts: Options) -> int:
-    bench = Bench(opts)
+async def amain(opts: Options, trees: Trees) -> int:
+    bench = Bench(opts, trees)
     results = bench.results
     results["machine"] = machine()
     results["options"] = {k: (sorted(v) if isinstance(v, set) else v)
@@ -1384,7 +1433,7 @@ async def amain(opts: Options) -> int:
     assert me is not None
     loop.add_signal_handler(signal.SIGTERM, me.cancel)
     try:
-        await asyncio.to_thread(bench.setup)
+        bench.start_sandbox()
         results["tree"] = {"name": bench.tree.name, **asdict(bench.tree_stats)}
         await bench.run()
     finally:
@@ -1407,7 +1456,8 @@ async def amain(opts: Options) -> int:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     try:
-        return asyncio.run(amain(opts))
+        trees = prepare_trees(opts)
+        return asyncio.run(amain(opts, trees))
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("interrupted")
         return 130
