@@ -481,3 +481,24 @@ def test_watch_limit_falls_back_to_periodic_reconcile(project: Project) -> None:
         wait_in_sync(project.local, project.remote, timeout=15)
         assert s.proc.poll() is None
         assert s.stop() == 0
+
+
+def test_watch_stops_before_mirroring_an_emptied_tree(project: Project) -> None:
+    for d in range(6):
+        (project.local / f"pkg{d}").mkdir()
+        for i in range(30):
+            (project.local / f"pkg{d}" / f"f{i}.py").write_text(str(i))
+    with Session(project.config) as s:
+        s.wait_watching()
+        wait_in_sync(project.local, project.remote)
+        # One folder after another, each pushed before the next goes: a
+        # sliding count, not a per-batch one, must notice.
+        for d in range(6):
+            subprocess.run(["rm", "-rf", str(project.local / f"pkg{d}")], check=True)
+            if d < 2:
+                s.wait_for("pushed", lambda e: e["deleted"] > 0)
+        code = s.proc.wait(30)
+        assert code == 1
+        assert "refusing to delete" in s.read_stderr()
+    remaining = {p.parent.name for p in project.remote.rglob("*.py")}
+    assert {"pkg3", "pkg4", "pkg5"} <= remaining

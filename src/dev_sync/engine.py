@@ -169,7 +169,7 @@ class Engine:
             Connected(
                 self.master.target.label,
                 self.config.remote.path,
-                info.rsync_banner.replace("  ", " ").strip(),
+                ".".join(map(str, info.rsync_version or ())),
                 adopted=self.adopt and info.state == "nonempty",
                 created=info.created,
             )
@@ -186,7 +186,16 @@ class Engine:
             )
             await self.watcher.start()
         await self._connect()
-        await self._reconcile(("start",))
+        try:
+            await self._reconcile(("start",))
+        except ConnectionLost as exc:
+            if self.once or self.watcher is None:
+                raise DevSyncError(
+                    f"the connection to {self.master.target.label} was lost during the sync "
+                    f"({exc})",
+                    "run the command again once the machine is reachable",
+                ) from None
+            await self._recover(str(exc))
         if self.once or self.watcher is None:
             return
         self._tasks.append(asyncio.create_task(self._watch()))

@@ -185,7 +185,7 @@ class ConsoleReporter:
                 note = " (adopted)" if event.adopted else " (created)" if event.created else ""
                 c.print(
                     f"[dim]{self._stamp()}[/] connected to [bold]{event.host}[/]:"
-                    f"{event.remote_root}{note}, remote {event.rsync}"
+                    f"{event.remote_root}{note}, remote rsync {event.rsync}"
                 )
             case Reconciled():
                 self._end_bar()
@@ -203,7 +203,7 @@ class ConsoleReporter:
                 what = ", ".join(event.sample[:3]) + ("…" if event.paths > 3 else "")
                 dele = f", deleted {event.deleted}" if event.deleted else ""
                 c.print(
-                    f"[dim]{self._stamp()}[/] [cyan]↑[/] {event.files} files "
+                    f"[dim]{self._stamp()}[/] [cyan]↑[/] {_count(event.files, 'file')} "
                     f"({_size(event.bytes)}){dele} in {event.ms} ms  [dim]{_escape(what)}[/]"
                 )
             case Offline():
@@ -223,6 +223,10 @@ class ConsoleReporter:
                 c.print(f"[dim]{self._stamp()}[/] stopped ({event.reason})")
             case _:
                 pass
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _escape(text: str) -> str:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,22 +65,42 @@ class Progress:
     total: int | None
 
 
-@dataclass(frozen=True)
 class DeleteGuard:
-    """How much deletion is too much to do without asking."""
+    """How much deletion is too much to do without asking.
 
-    share: float = 0.5
-    minimum: int = 50
-    allow: bool = False
+    Deletions are counted over a sliding window, not per batch: ``rm -rf *``
+    arrives as one directory after another, and each alone may look small.
+    """
+
+    def __init__(
+        self, share: float = 0.5, minimum: int = 50, allow: bool = False, window: float = 60.0
+    ) -> None:
+        self.share = share
+        self.minimum = minimum
+        self.allow = allow
+        self.window = window
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def _recent_total(self) -> int:
+        cutoff = time.monotonic() - self.window
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent)
+
+    def record(self, deletions: int) -> None:
+        if deletions:
+            self._recent.append((time.monotonic(), deletions))
 
     def check(self, deletions: int, remote_total: int, *, local_empty: bool = False) -> None:
         if self.allow or deletions == 0:
             return
-        share = deletions / max(remote_total, deletions, 1)
-        if local_empty or (deletions > self.minimum and share > self.share):
+        total = deletions + self._recent_total()
+        share = total / max(remote_total, total, 1)
+        if local_empty or (total > self.minimum and share > self.share):
             why = "the local tree is empty" if local_empty else f"{share:.0%} of the remote tree"
             raise SafetyStop(
-                f"refusing to delete {deletions} remote entries ({why}); nothing was deleted",
+                f"refusing to delete {total} remote entries ({why}); "
+                f"the last {deletions} were not deleted",
                 "if the local tree is right (not an unmounted or half-checked-out folder), run "
                 "`dev-sync up --once --allow-delete` once; otherwise restore the local files. "
                 "The threshold is [sync] delete_guard",
@@ -297,18 +318,21 @@ class RsyncPusher:
             elif recursive:
                 subtree = True
             listed.append(rel)
+        cleared = 0
         if gone_dirs:
-            await self._clear_dirs(gone_dirs, gone - len(gone_dirs))
+            cleared = await self._clear_dirs(gone_dirs, gone - len(gone_dirs))
         elif gone:
             self.guard.check(gone, self.remote_total)
+            self.guard.record(gone)
         stats = await self._push_listed(listed, subtree)
         stuck = [os.fsdecode(p) for p in _NONEMPTY.findall(stats.stderr)]
         stuck = [p for p in stuck if p in listed and not os.path.lexists(self.local_root / p)]
         if stuck:
             # Directories deleted locally that the watcher did not flag as such.
-            await self._clear_dirs(stuck, 0)
+            cleared += await self._clear_dirs(stuck, 0)
             more = await self._push_listed(stuck, False)
             stats.deleted += more.deleted
+        stats.deleted += cleared
         stats.seconds = time.monotonic() - started
         return stats
 
@@ -335,7 +359,7 @@ class RsyncPusher:
         stats.stderr = result.stderr
         return stats
 
-    async def _clear_dirs(self, dirs: list[str], other_deletions: int) -> None:
+    async def _clear_dirs(self, dirs: list[str], other_deletions: int) -> int:
         """Empty remote directories deleted locally, keeping what the rules exclude.
 
         rsync's ``--force`` would delete an excluded ``node_modules`` inside
@@ -353,7 +377,10 @@ class RsyncPusher:
             dry = await self._rsync([*argv, "--dry-run"], files=dirs)
             count = sum(1 for ln in dry.stdout.splitlines() if ln.startswith(b"*deleting"))
             self.guard.check(count + len(dirs) + other_deletions, self.remote_total)
-            await self._rsync(argv, files=dirs)
+            done = await self._rsync(argv, files=dirs)
+            cleared = sum(1 for ln in done.stdout.splitlines() if ln.startswith(b"*deleting"))
+            self.guard.record(cleared + len(dirs) + other_deletions)
+            return cleared
 
 
 def local_rsync_version() -> tuple[int, ...] | None:
