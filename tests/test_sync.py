@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from driver import Session, json_events, run_cli, ssh_processes
-from helpers import Project, TcpProxy, tree_snapshot, wait_in_sync, wait_until
+from helpers import Project, TcpProxy, ssh_run, tree_snapshot, wait_in_sync, wait_until
 
 from dev_sync.ssh import Target
 
@@ -502,3 +502,45 @@ def test_watch_stops_before_mirroring_an_emptied_tree(project: Project) -> None:
         assert "refusing to delete" in s.read_stderr()
     remaining = {p.parent.name for p in project.remote.rglob("*.py")}
     assert {"pkg3", "pkg4", "pkg5"} <= remaining
+
+
+def test_missing_remote_rsync_is_named_with_the_fix(project: Project) -> None:
+    project.write_config(remote={"rsync_path": "/nonexistent/rsync"})
+    (project.local / "a").write_text("a")
+    result = once(project)
+    assert result.returncode == 1
+    assert "rsync is not installed" in result.stderr and "apt-get install rsync" in result.stderr
+    doctor = run_cli("doctor", "--config", str(project.config))
+    assert doctor.returncode == 1 and "rsync is not installed" in doctor.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_remote_disk_is_reported_and_syncing_goes_on(project: Project) -> None:
+    # The sandbox sshd may live in its own mount namespace (clean shell): mount
+    # the small disk where the remote side sees it, and look through ssh.
+    ns = ["nsenter", "--target", str(project.sandbox.pid), "--mount"]
+    project.remote.mkdir()
+    subprocess.run([*ns, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(project.remote)],
+                   check=True)
+
+    def remote_ls() -> list[str]:
+        return ssh_run(project.sandbox, ["ls", "-A", str(project.remote)]).out.split()
+
+    try:
+        (project.local / "small.txt").write_text("small")
+        with Session(project.config) as s:
+            s.wait_watching()
+            (project.local / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+            problem = s.wait_for("problem", lambda e: "full" in e["cause"])
+            assert "free space" in problem["fix"]
+            # Nothing half-written: no partial file, no rsync temp file.
+            assert not [n for n in remote_ls() if "big" in n]
+            assert s.proc.poll() is None
+            # Still syncing: make room and the rest arrives.
+            (project.local / "big.bin").unlink()
+            (project.local / "after.txt").write_text("after")
+            wait_until(lambda: "after.txt" in remote_ls(), timeout=15)
+            assert "small.txt" in remote_ls()
+            assert s.stop() == 0
+    finally:
+        subprocess.run([*ns, "umount", "-l", str(project.remote)], check=False)

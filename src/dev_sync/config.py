@@ -64,6 +64,8 @@ class RemoteConfig(_Strict):
     port: int | None = Field(default=None, ge=1, le=65535)
     ssh_config: str | None = None
     connect_timeout: float = Field(default=10.0, gt=0, le=300)
+    # The rsync program on the remote (a name on its PATH, or an absolute path).
+    rsync_path: str = Field(default="rsync", min_length=1)
 
     @field_validator("path")
     @classmethod
@@ -77,6 +79,13 @@ class RemoteConfig(_Strict):
             raise ValueError(
                 f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
             )
+        return value
+
+    @field_validator("rsync_path")
+    @classmethod
+    def _rsync_path(cls, value: str) -> str:
+        if value.startswith("-") or any(c.isspace() for c in value):
+            raise ValueError(f"must be a program name or path without spaces, got {value!r}")
         return value
 
     @field_validator("user")
@@ -209,6 +218,7 @@ path = "{path}"
 # port = 22
 # ssh_config = "ssh_config"     # an ssh config file (passed as ssh -F), relative to this file
 # connect_timeout = 10          # seconds
+# rsync_path = "rsync"          # the rsync program on the remote
 
 [sync]
 # Gitignore syntax, added to the rules of every .gitignore in the tree.

@@ -80,7 +80,10 @@ async def remote_checks(config: Config) -> list[Check]:
         ))
         info = None
         try:
-            info = await remote.prepare(master, config.remote.path, adopt=False, create=False)
+            info = await remote.prepare(
+                master, config.remote.path, adopt=False, create=False,
+                rsync=config.remote.rsync_path,
+            )
         except DevSyncError as exc:
             if "rsync" in exc.cause:
                 checks.append(Check("remote rsync", False, exc.cause, exc.fix or ""))

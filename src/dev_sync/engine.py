@@ -69,6 +69,7 @@ class Engine:
             self.root,
             config.remote.path,
             self.master,
+            config.remote.rsync_path,
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
@@ -162,7 +163,10 @@ class Engine:
     async def _connect(self) -> None:
         self._state("connecting", self.master.target.label)
         await self.master.connect()
-        info = await remote.prepare(self.master, self.config.remote.path, adopt=self.adopt)
+        info = await remote.prepare(
+            self.master, self.config.remote.path, adopt=self.adopt,
+            rsync=self.config.remote.rsync_path,
+        )
         self._lost.clear()
         self._tasks.append(asyncio.create_task(self._monitor_master()))
         self.reporter.emit(

@@ -125,6 +125,7 @@ _EXPECTED_NOISE = (
     "some files vanished",
     "parent dir is absent",
 )
+_DISK_FULL = re.compile(rb"No space left on device|Disk quota exceeded")
 _NONEMPTY = re.compile(rb"^cannot delete non-empty directory: (.*)$", re.M)
 
 
@@ -156,7 +157,7 @@ def parse_progress(line: str) -> Progress | None:
 def classify_failure(exc: CommandError, host: str, root: str) -> Exception:
     """Map a failed rsync run to ConnectionLost or a user-facing error."""
     err = exc.err
-    if "No space left on device" in err or "Disk quota exceeded" in err:
+    if _DISK_FULL.search(exc.stderr):
         return DevSyncError(
             f"the remote disk holding {root} is full (rsync: No space left on device)",
             f"free space on {host} (see `df -h {root}`), then dev-sync resumes on the next change",
@@ -181,12 +182,14 @@ class RsyncPusher:
         local_root: Path,
         remote_root: str,
         master: SshMaster,
+        rsync_path: str,
         filter_rules: Callable[[], Sequence[str]],
         guard: DeleteGuard,
     ) -> None:
         self.local_root = local_root
         self.remote_root = remote_root.rstrip("/") or "/"
         self.master = master
+        self.rsync_path = rsync_path
         self.filter_rules = filter_rules
         self.guard = guard
         # Entries the remote tree holds, as of the last reconcile: the
@@ -205,6 +208,7 @@ class RsyncPusher:
             # within one second must not look unchanged.
             "--modify-window=-1",
             "-e", self.master.rsync_rsh(),
+            f"--rsync-path={self.rsync_path}",
         ]
         args += [f"--filter={rule}" for rule in self.filter_rules()]
         return args
@@ -223,7 +227,8 @@ class RsyncPusher:
             result = await runner.arun(argv, input=data, check=False)
         else:
             result = await self._rsync_with_progress(argv, data, progress)
-        if result.returncode not in ok:
+        full_disk = result.returncode == PARTIAL and _DISK_FULL.search(result.stderr)
+        if result.returncode not in ok or full_disk:
             raise classify_failure(
                 CommandError(result.argv, result.returncode, result.stdout, result.stderr),
                 self.master.target.label,

@@ -18,10 +18,11 @@ from dev_sync.ssh import SshMaster, classify_ssh_failure
 MARKER = ".dev-sync-root"
 MIN_RSYNC = (3, 2, 3)
 
-# $1 = remote root, $2 = "create" | "adopt" | "check", $3 = text for the marker.
+# $1 = remote root, $2 = "create" | "adopt" | "check", $3 = text for the marker,
+# $4 = the rsync program.
 _PREPARE = r"""
 root=$1; mode=$2
-printf 'rsync=%s\n' "$(rsync --version 2>/dev/null | head -n 1)"
+printf 'rsync=%s\n' "$("$4" --version 2>/dev/null | head -n 1)"
 if [ "$root" = "$HOME" ] || [ "$root/" = "$HOME" ]; then echo state=home; exit 0; fi
 if [ -e "$root/.dev-sync-root" ]; then state=marked
 elif [ -d "$root" ]; then
@@ -68,11 +69,13 @@ def _parse(out: str) -> RemoteInfo:
     )
 
 
-def check_rsync(info: RemoteInfo, host: str) -> None:
+def check_rsync(info: RemoteInfo, host: str, program: str = "rsync") -> None:
     if info.rsync_version is None:
+        where = "" if program == "rsync" else f" (looked for {program!r})"
         raise DevSyncError(
-            f"rsync is not installed on {host}",
-            "install it on the remote: `sudo apt-get install rsync` (or dnf/yum/apk install rsync)",
+            f"rsync is not installed on {host}{where}",
+            "install it on the remote: `sudo apt-get install rsync` (or dnf/yum/apk install "
+            "rsync), or set [remote] rsync_path",
         )
     if info.rsync_version < MIN_RSYNC:
         have = ".".join(map(str, info.rsync_version))
@@ -83,11 +86,13 @@ def check_rsync(info: RemoteInfo, host: str) -> None:
         )
 
 
-async def prepare(master: SshMaster, root: str, *, adopt: bool, create: bool = True) -> RemoteInfo:
+async def prepare(
+    master: SshMaster, root: str, *, adopt: bool, create: bool = True, rsync: str = "rsync"
+) -> RemoteInfo:
     """Probe the remote and create the marked root if that is safe; raise if it is not."""
     mode = "adopt" if adopt else ("create" if create else "check")
     marker_text = "This folder is kept in sync by dev-sync. Do not edit files here by hand."
-    argv = ["sh", "-c", _PREPARE, "dev-sync", root, mode, marker_text]
+    argv = ["sh", "-c", _PREPARE, "dev-sync", root, mode, marker_text, rsync]
     try:
         result = await master.run(argv)
     except CommandError as exc:
@@ -98,7 +103,7 @@ async def prepare(master: SshMaster, root: str, *, adopt: bool, create: bool = T
             "check that the remote user may create that folder",
         ) from None
     info = _parse(result.out)
-    check_rsync(info, master.target.label)
+    check_rsync(info, master.target.label, rsync)
     refuse_unsafe_state(info, root, master.target.label)
     if create and not info.created and info.state in ("missing", "empty"):
         raise DevSyncError(
