@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from dev_sync import runner
-from dev_sync.sandbox import SandboxInfo
+from dev_sync.sandbox import SandboxInfo, client_config_lines
 
 T = TypeVar("T")
 
@@ -210,11 +210,6 @@ def ssh_run(
     return runner.run(argv, check=check, timeout=timeout)
 
 
-def _cfg_quote(path: Path) -> str:
-    text = str(path).replace("%", "%%")
-    return f'"{text}"' if any(c.isspace() for c in text) else text
-
-
 def proxy_ssh_config(
     sandbox: SandboxInfo, proxy_port: int, path: Path, host: str = PROXY_HOST
 ) -> Path:
@@ -227,29 +222,8 @@ def proxy_ssh_config(
     known = path.with_name(path.name + ".known_hosts")
     lines = sandbox.base.joinpath("known_hosts").read_text().split()
     known.write_text(f"[127.0.0.1]:{proxy_port} {lines[1]} {lines[2]}\n")
-    path.write_text(
-        "\n".join(
-            [
-                f"Host {host}",
-                "  HostName 127.0.0.1",
-                f"  Port {proxy_port}",
-                f"  User {sandbox.user}",
-                f"  IdentityFile {_cfg_quote(sandbox.base / 'id_ed25519')}",
-                "  IdentitiesOnly yes",
-                "  IdentityAgent none",
-                f"  UserKnownHostsFile {_cfg_quote(known)}",
-                "  GlobalKnownHostsFile /dev/null",
-                "  StrictHostKeyChecking yes",
-                "  HostKeyAlgorithms ssh-ed25519",
-                "  UpdateHostKeys no",
-                "  CheckHostIP no",
-                "  BatchMode yes",
-                "  PasswordAuthentication no",
-                "  ConnectTimeout 5",
-                "",
-            ]
-        )
-    )
+    body = client_config_lines(host, proxy_port, sandbox.base / "id_ed25519", known, 5)
+    path.write_text("\n".join([*body, ""]))
     return path
 
 

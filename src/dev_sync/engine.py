@@ -251,11 +251,8 @@ class Engine:
     def _included(self, rel: str) -> bool:
         """rsync does not apply rules to the parents of listed names: filter here too."""
         path = self.root / rel
-        if path.is_dir() and not path.is_symlink():
-            return not self.rules.is_excluded(rel, True)
-        if os.path.lexists(path):
-            return not self.rules.is_excluded(rel, False)
-        return not (self.rules.is_excluded(rel, False) or self.rules.is_excluded(rel, True))
+        is_dir = (path.is_dir() and not path.is_symlink()) if os.path.lexists(path) else None
+        return not self.rules.is_excluded(rel, is_dir)
 
     async def _push(self, batch: Batch) -> None:
         changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]

@@ -393,14 +393,19 @@ class RuleSet:
             return
         self._files[rel_dir] = _parse_file(data)
 
-    def is_excluded(self, rel: str, is_dir: bool) -> bool:
+    def is_excluded(self, rel: str, is_dir: bool | None) -> bool:
         """Whether ``rel`` (root-relative POSIX path) is excluded, itself or by an ancestor.
 
         ``is_dir`` is about ``rel`` itself; a symlink to a directory is not a
-        directory (git and rsync --links do not follow it either).
+        directory (git and rsync --links do not follow it either). ``None``
+        means the type is unknown (the path is gone): then it counts as
+        excluded if it would be either way, since treating an excluded path as
+        included could delete what the remote must keep.
         """
         if not rel:
             return False
+        if is_dir is None:
+            return self.is_excluded(rel, False) or self.is_excluded(rel, True)
         parts = rel.split("/")
         for depth in range(1, len(parts) + 1):
             last = depth == len(parts)

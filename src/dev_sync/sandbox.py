@@ -133,6 +133,34 @@ def _cfg_path(path: Path, *, tokens: bool = False) -> str:
     return text
 
 
+def client_config_lines(
+    host: str, port: int, identity: Path, known_hosts: Path, connect_timeout: int = 10
+) -> list[str]:
+    """An ssh config block reaching the sandbox sshd on ``port`` as ``host``.
+
+    Pinned to the sandbox's own key and known_hosts, so nothing of the
+    user's ssh set-up is read or changed.
+    """
+    return [
+        f"Host {host}",
+        f"  HostName {_LOOPBACK}",
+        f"  Port {port}",
+        f"  User {_current_user()}",
+        f"  IdentityFile {_cfg_path(identity, tokens=True)}",
+        "  IdentitiesOnly yes",
+        "  IdentityAgent none",
+        f"  UserKnownHostsFile {_cfg_path(known_hosts, tokens=True)}",
+        "  GlobalKnownHostsFile /dev/null",
+        "  StrictHostKeyChecking yes",
+        "  HostKeyAlgorithms ssh-ed25519",
+        "  UpdateHostKeys no",
+        "  CheckHostIP no",
+        "  BatchMode yes",
+        "  PasswordAuthentication no",
+        f"  ConnectTimeout {connect_timeout}",
+    ]
+
+
 def _check_base_path(base: Path) -> None:
     text = str(base)
     # ssh_config has no escape for ${...} (environment expansion), and
@@ -574,30 +602,12 @@ class Sandbox:
     def _write_client_files(self, port: int) -> None:
         host_pub = self._host_key.with_name(self._host_key.name + ".pub").read_text().split()
         self._known_hosts.write_text(f"[{_LOOPBACK}]:{port} {host_pub[0]} {host_pub[1]}\n")
-        text = "\n".join(
-            [
-                "# Written by dev-sync sandbox; rewritten at every start.",
-                f"# Use: ssh -F {_cfg_path(self.ssh_config)} {SANDBOX_HOST}",
-                f"Host {SANDBOX_HOST}",
-                f"  HostName {_LOOPBACK}",
-                f"  Port {port}",
-                f"  User {_current_user()}",
-                f"  IdentityFile {_cfg_path(self._client_key, tokens=True)}",
-                "  IdentitiesOnly yes",
-                "  IdentityAgent none",
-                f"  UserKnownHostsFile {_cfg_path(self._known_hosts, tokens=True)}",
-                "  GlobalKnownHostsFile /dev/null",
-                "  StrictHostKeyChecking yes",
-                "  HostKeyAlgorithms ssh-ed25519",
-                "  UpdateHostKeys no",
-                "  CheckHostIP no",
-                "  BatchMode yes",
-                "  PasswordAuthentication no",
-                "  ConnectTimeout 10",
-                "",
-            ]
-        )
-        self.ssh_config.write_text(text)
+        header = [
+            "# Written by dev-sync sandbox; rewritten at every start.",
+            f"# Use: ssh -F {_cfg_path(self.ssh_config)} {SANDBOX_HOST}",
+        ]
+        body = client_config_lines(SANDBOX_HOST, port, self._client_key, self._known_hosts)
+        self.ssh_config.write_text("\n".join([*header, *body, ""]))
 
     def _verify(self, ssh: str, info: SandboxInfo) -> None:
         """One real login: proves keys, known_hosts, AllowUsers and the shell all work.

@@ -521,11 +521,7 @@ def _report_file(rules: RuleSet, sink: Sink, rel: str, is_dir: bool | None) -> N
     A ``.gitignore`` also raises :meth:`Sink.rules_changed`, even if it is
     itself excluded from the sync, because it still shapes the rules.
     """
-    if is_dir is None:
-        excluded = rules.is_excluded(rel, False) or rules.is_excluded(rel, True)
-    else:
-        excluded = rules.is_excluded(rel, is_dir)
-    if not excluded:
+    if not rules.is_excluded(rel, is_dir):
         sink.changed(rel, False)
     if rules.is_rule_file(rel):
         sink.rules_changed(rel)
