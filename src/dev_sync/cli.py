@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
 
 from dev_sync import __version__
 from dev_sync.config import CONFIG_NAME, Config, load_config, parse_config, starter_text
@@ -124,8 +123,10 @@ def _run_session(
             "log": str(files.log),
         },
     )
+    # rsync's per-file progress lines cost CPU to parse: only for a visible bar.
+    progress = isinstance(human, ConsoleReporter) and human.console.is_terminal
     engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
-                    allow_delete=allow_delete)
+                    allow_delete=allow_delete, progress=progress)
     status.pending = lambda: engine.batcher.pending
     try:
         asyncio.run(engine.run())
@@ -204,6 +205,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
             last = data["errors"][-1]
             click.echo(f"last error: {last.get('cause') or last.get('reason')}")
         sys.exit(3)
+    from rich.console import Console
+
     console = Console(highlight=False)
     console.print(f"[bold]{data.get('state', '?')}[/] since {_ago(data.get('since'))}  (pid {pid})")
     console.print(f"  {data.get('local_root')} → {data.get('remote')}")

@@ -55,6 +55,7 @@ class Engine:
         once: bool = False,
         adopt: bool = False,
         allow_delete: bool = False,
+        progress: bool = True,
     ) -> None:
         self.config = config
         self.root = config.local_root
@@ -80,6 +81,8 @@ class Engine:
         self._degraded = False
         self._tasks: list[asyncio.Task[None]] = []
         self._last_progress = 0.0
+        self._progress = progress
+        self._fresh_remote = False
 
     # -- watcher sink ----------------------------------------------------------
 
@@ -160,14 +163,18 @@ class Engine:
         if not self.root.is_dir():
             raise SafetyStop(f"the local root {self.root} is missing", "restore it or fix --config")
 
-    async def _connect(self) -> None:
-        self._state("connecting", self.master.target.label)
-        await self.master.connect()
+    async def _connect(self, *, spawned: bool = False) -> None:
+        if not spawned:
+            self._state("connecting", self.master.target.label)
+            await self.master.spawn()
+        await self.master.wait_ready()
         info = await remote.prepare(
             self.master, self.config.remote.path, adopt=self.adopt,
             rsync=self.config.remote.rsync_path,
         )
+        self._fresh_remote = info.created and info.state in ("missing", "empty")
         self._lost.clear()
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
         self.reporter.emit(
             Connected(
@@ -181,15 +188,16 @@ class Engine:
 
     async def _main(self) -> None:
         self._check_local()
+        # The ssh handshake runs in its own process while the tree is walked
+        # (every .gitignore read, every folder watched): neither waits for the other.
+        self._state("connecting", self.master.target.label)
+        await self.master.spawn()
         if self.once:
-            for _ in walk_dirs(self.rules):  # reads every .gitignore on the way
-                pass
+            await asyncio.to_thread(_read_rules, self.rules)
         else:
-            self.watcher = make_watcher(
-                self.root, self.rules, self, self.config.sync.watcher
-            )
+            self.watcher = make_watcher(self.root, self.rules, self, self.config.sync.watcher)
             await self.watcher.start()
-        await self._connect()
+        await self._connect(spawned=True)
         try:
             await self._reconcile(("start",))
         except ConnectionLost as exc:
@@ -240,7 +248,10 @@ class Engine:
             if self.watcher is not None:
                 self.watcher.set_rules(self.rules)
         self._state("reconciling", ", ".join(r for r in reasons if r != "start"))
-        stats = await self.pusher.reconcile(self._on_progress)
+        stats = await self.pusher.reconcile(
+            self._on_progress if self._progress else None, fresh=self._fresh_remote
+        )
+        self._fresh_remote = False
         self.reporter.emit(
             Reconciled(stats.files, stats.size, stats.deleted, stats.total,
                        round(stats.seconds * 1000), reasons)
@@ -314,6 +325,11 @@ class Engine:
                 continue
             self.batcher.request_full("reconnected")
             return
+
+
+def _read_rules(rules: RuleSet) -> None:
+    for _ in walk_dirs(rules):  # loads every .gitignore on the way
+        pass
 
 
 async def _first(a: Awaitable[T], b: Awaitable[object]) -> T | None:

@@ -14,18 +14,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from dev_sync.state import SessionFiles
+
+if TYPE_CHECKING:  # rich costs ~100 ms to import: only the console reporter needs it
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 
 @dataclass(frozen=True)
@@ -124,6 +119,8 @@ class ConsoleReporter:
     """Human output: a line per batch, a progress bar for a long reconcile."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self.console = console or Console(highlight=False)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
@@ -137,6 +134,8 @@ class ConsoleReporter:
             return
         now = time.monotonic()
         if self._progress is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
             if not self._progress_since:
                 self._progress_since = now
             if now - self._progress_since < 0.5:  # only for what takes more than a moment

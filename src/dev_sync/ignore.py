@@ -371,15 +371,18 @@ class RuleSet:
         # Directory (relative, "" for the root) -> patterns of its .gitignore.
         self._files: dict[str, list[_Pattern]] = {}
 
-    def load_dir(self, rel_dir: str) -> None:
+    def load_dir(self, rel_dir: str, *, included: bool = False) -> None:
         """Read (or re-read) ``<root>/<rel_dir>/.gitignore``, or forget it if it is gone.
 
         Refuses directories that are excluded, because git never reads rule files
-        there and a rule read from one could re-include what git keeps out.
+        there and a rule read from one could re-include what git keeps out
+        (``included=True``: the caller, a walk, has just checked that).
         Like git, a .gitignore that is a symlink is not followed.
         """
         self._files.pop(rel_dir, None)
-        if not self.gitignore or (rel_dir and self.is_excluded(rel_dir, is_dir=True)):
+        if not self.gitignore or (
+            rel_dir and not included and self.is_excluded(rel_dir, is_dir=True)
+        ):
             return
         path = self.root / rel_dir / RULE_FILE if rel_dir else self.root / RULE_FILE
         try:
@@ -412,6 +415,14 @@ class RuleSet:
             if self._excluded_itself(parts[:depth], is_dir if last else True):
                 return True
         return False
+
+    def is_excluded_child(self, rel: str, is_dir: bool) -> bool:
+        """:meth:`is_excluded` for a path whose parent is known to be included.
+
+        A walk that prunes as it goes knows that already; judging only the last
+        component makes walking a tree several times cheaper.
+        """
+        return bool(rel) and self._excluded_itself(rel.split("/"), is_dir)
 
     def _excluded_itself(self, parts: list[str], is_dir: bool) -> bool:
         """The decision for one path, its ancestors assumed included."""
@@ -599,11 +610,11 @@ def walk_dirs(rules: RuleSet) -> Iterator[str]:
                 subdirs = sorted(e.name for e in it if _is_real_dir(e))
         except OSError:
             continue
-        rules.load_dir(rel)
+        rules.load_dir(rel, included=True)
         yield rel
         for name in reversed(subdirs):
             child = f"{rel}/{name}" if rel else name
-            if not rules.is_excluded(child, is_dir=True):
+            if not rules.is_excluded_child(child, is_dir=True):
                 stack.append(child)
 
 

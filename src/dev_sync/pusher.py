@@ -267,11 +267,21 @@ class RsyncPusher:
 
     # -- reconcile -----------------------------------------------------------
 
-    async def reconcile(self, progress: Callable[[Progress], None] | None = None) -> Stats:
-        """Make the remote match the local tree, guarding against mass deletion."""
+    async def reconcile(
+        self, progress: Callable[[Progress], None] | None = None, *, fresh: bool = False
+    ) -> Stats:
+        """Make the remote match the local tree, guarding against mass deletion.
+
+        ``fresh``: the remote root was just created, so rsync's incremental
+        recursion (sending while it still scans) is the faster way to fill it;
+        otherwise the whole file list first saves round trips when little
+        has changed.
+        """
         started = time.monotonic()
         src = f"{self.local_root}/"
-        base = [*self._base(), "--delete", "--no-inc-recursive"]
+        base = [*self._base(), "--delete"]
+        if not fresh:
+            base.append("--no-inc-recursive")
         if progress is not None:
             base.append("--info=progress2")
         # First pass transfers everything but deletes nothing, counting what

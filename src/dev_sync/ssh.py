@@ -165,6 +165,11 @@ class SshMaster:
 
     async def connect(self) -> None:
         """Start the master and return once it accepts clients, or raise ConnectionFailed."""
+        await self.spawn()
+        await self.wait_ready()
+
+    async def spawn(self) -> None:
+        """Start the master process; the handshake goes on while the caller works."""
         await self.close()
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()  # a stale socket of ours from a killed run
@@ -183,6 +188,11 @@ class SshMaster:
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
         self._stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+
+    async def wait_ready(self) -> None:
+        """Wait until the spawned master accepts clients, or raise ConnectionFailed."""
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None, "spawn() first"
         # The master prints READY (its LocalCommand) after authentication, once
         # it listens on the control socket; EOF means it exited.
         deadline = self.target.connect_timeout + 5

@@ -153,7 +153,7 @@ def walk_tree(
         rel = stack.pop()
         yield rel
         try:
-            rules.load_dir(rel)
+            rules.load_dir(rel, included=rel != top)
         except OSError as exc:  # a .gitignore that vanished or cannot be read
             log.debug("cannot load rules of %r: %s", rel, exc)
         children: list[str] = []
@@ -173,7 +173,7 @@ def walk_tree(
             log.debug("cannot list %r: %s", rel, exc)
             continue
         for child in sorted(children, reverse=True):
-            if not rules.is_excluded(child, True):
+            if not rules.is_excluded_child(child, True):
                 stack.append(child)
 
 
