@@ -2,6 +2,6 @@
 
 import sys
 
-from dev_sync.cli import main
+from dev_sync.launch import main
 
 sys.exit(main())

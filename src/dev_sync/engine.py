@@ -193,11 +193,15 @@ class Engine:
         self._state("connecting", self.master.target.label)
         await self.master.spawn()
         if self.once:
-            await asyncio.to_thread(_read_rules, self.rules)
+            walking = asyncio.create_task(asyncio.to_thread(_read_rules, self.rules))
+            try:
+                await self._connect(spawned=True)
+            finally:
+                await walking
         else:
             self.watcher = make_watcher(self.root, self.rules, self, self.config.sync.watcher)
             await self.watcher.start()
-        await self._connect(spawned=True)
+            await self._connect(spawned=True)
         try:
             await self._reconcile(("start",))
         except ConnectionLost as exc:

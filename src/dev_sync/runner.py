@@ -9,12 +9,15 @@ parses, so quoting there is the only way to keep data as data).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # asyncio is imported where used: `dev-sync up` starts ssh before loading it
+    import asyncio
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class CommandError(Exception):
         return f"{shlex.join(self.argv)} exited {self.returncode}: {self.last_line()}"
 
 
-def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     # Stable, parseable output from rsync and ssh whatever the user's locale.
     env["LC_ALL"] = "C"
@@ -92,7 +95,7 @@ def run(
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
-            env=_env(env),
+            env=child_env(env),
             cwd=cwd,
             check=False,
         )
@@ -117,10 +120,12 @@ async def start(
     env: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start a command under asyncio; the caller owns the process."""
+    import asyncio
+
     args = tuple(argv)
     try:
         return await asyncio.create_subprocess_exec(
-            *args, stdin=stdin, stdout=stdout, stderr=stderr, env=_env(env)
+            *args, stdin=stdin, stdout=stdout, stderr=stderr, env=child_env(env)
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, b"", f"{args[0]}: command not found".encode()) from exc
@@ -134,6 +139,8 @@ async def arun(
     env: Mapping[str, str] | None = None,
 ) -> Result:
     """Async twin of :func:`run`: the event loop keeps serving the watcher."""
+    import asyncio
+
     args = tuple(argv)
     proc = await start(
         args,
@@ -154,6 +161,8 @@ async def arun(
 
 async def terminate(proc: asyncio.subprocess.Process, grace: float = 2.0) -> None:
     """Stop a child: SIGTERM, then SIGKILL if it does not go within ``grace``."""
+    import asyncio
+
     if proc.returncode is not None:
         return
     try:
@@ -168,6 +177,21 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = 2.0) -> Non
         except ProcessLookupError:
             return
         await proc.wait()
+
+
+def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a long-lived command with piped output, outside any event loop."""
+    args = tuple(argv)
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(None),
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, b"", f"{args[0]}: command not found".encode()) from exc
 
 
 def remote_command(argv: Sequence[str]) -> str:

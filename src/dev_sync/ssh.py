@@ -12,70 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 import shlex
 import subprocess
-import tempfile
+import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import IO
 
-from dev_sync import runner
-from dev_sync.config import Config
+from dev_sync import prestart, runner
 from dev_sync.errors import ConnectionFailed
+from dev_sync.target import READY, Target
 
-READY = "dev-sync-master-ready"
-
-
-@dataclass(frozen=True)
-class Target:
-    """How to reach one remote: the ssh destination and the options we add."""
-
-    host: str
-    user: str | None = None
-    port: int | None = None
-    ssh_config: Path | None = None
-    connect_timeout: float = 10.0
-
-    @classmethod
-    def from_config(cls, config: Config) -> Target:
-        r = config.remote
-        return cls(r.host, r.user, r.port, config.ssh_config_path, r.connect_timeout)
-
-    @property
-    def label(self) -> str:
-        who = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port else ""
-        return f"{who}{self.host}{port}"
-
-    def options(self) -> list[str]:
-        """Options shared by the master and every client call."""
-        args: list[str] = []
-        if self.ssh_config is not None:
-            args += ["-F", str(self.ssh_config)]
-        if self.port is not None:
-            args += ["-p", str(self.port)]
-        if self.user is not None:
-            args += ["-l", self.user]
-        args += [
-            "-o", "BatchMode=yes",
-            "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
-            "-o", "ServerAliveInterval=5",
-            "-o", "ServerAliveCountMax=3",
-        ]
-        return args
-
-    def control_path(self) -> Path:
-        """A short, private socket path (sun_path is limited to ~104 bytes)."""
-        key = "\0".join(
-            [self.host, self.user or "", str(self.port or ""), str(self.ssh_config or "")]
-        )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        folder = Path(tempfile.gettempdir()) / f"dev-sync-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        return folder / f"{digest}.sock"
+__all__ = ["READY", "SshMaster", "Target", "classify_ssh_failure"]
 
 
 def classify_ssh_failure(target: Target, stderr: str, code: int) -> ConnectionFailed:
@@ -126,9 +74,9 @@ class SshMaster:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.control_path = target.control_path()
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: deque[str] = deque(maxlen=20)
-        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_thread: threading.Thread | None = None
 
     # -- client side -------------------------------------------------------
 
@@ -154,13 +102,16 @@ class SshMaster:
         return await runner.arun(self.command(remote_argv), check=check, input=input)
 
     # -- master ------------------------------------------------------------
+    # The master is a plain Popen watched by threads rather than an asyncio
+    # child: that lets it be started before the event loop exists (see
+    # dev_sync.prestart), and a thread blocked in wait() costs nothing idle.
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._proc is not None and self._proc.poll() is None
 
-    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
+    def _drain_stderr(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
             self._stderr.append(line.decode("utf-8", "replace").rstrip())
 
     async def connect(self) -> None:
@@ -171,43 +122,47 @@ class SshMaster:
     async def spawn(self) -> None:
         """Start the master process; the handshake goes on while the caller works."""
         await self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.control_path.unlink()  # a stale socket of ours from a killed run
-        argv = [
-            "ssh", *self.target.options(),
-            "-M", "-N",
-            "-o", f"ControlPath={self.control_path}",
-            "-o", "ControlPersist=no",
-            "-o", "PermitLocalCommand=yes",
-            "-o", f"LocalCommand=echo {READY}",
-            "-o", "ExitOnForwardFailure=yes",
-            "--", self.target.host,
-        ]
+        argv = self.target.master_argv()
+        proc = prestart.adopt(argv)
+        if proc is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.control_path.unlink()  # a stale socket of ours from a killed run
+            try:
+                proc = runner.spawn(argv)
+            except runner.CommandError:
+                raise ConnectionFailed(
+                    "ssh is not installed here",
+                    "install OpenSSH (`sudo apt-get install openssh-client`)",
+                ) from None
         self._stderr.clear()
-        proc = await runner.start(argv, stdin=subprocess.DEVNULL)
         self._proc = proc
-        assert proc.stdout is not None and proc.stderr is not None
-        self._stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+        assert proc.stderr is not None
+        self._stderr_thread = threading.Thread(
+            target=self._drain_stderr, args=(proc.stderr,), daemon=True
+        )
+        self._stderr_thread.start()
+
+    def _read_ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        assert proc.stdout is not None
+        return any(READY.encode() in line for line in iter(proc.stdout.readline, b""))
 
     async def wait_ready(self) -> None:
         """Wait until the spawned master accepts clients, or raise ConnectionFailed."""
         proc = self._proc
-        assert proc is not None and proc.stdout is not None, "spawn() first"
+        assert proc is not None, "spawn() first"
         # The master prints READY (its LocalCommand) after authentication, once
         # it listens on the control socket; EOF means it exited.
-        deadline = self.target.connect_timeout + 5
         try:
-            while True:
-                line = await asyncio.wait_for(proc.stdout.readline(), deadline)
-                if not line or READY.encode() in line:
-                    break
+            ready = await asyncio.wait_for(
+                asyncio.to_thread(self._read_ready, proc), self.target.connect_timeout + 5
+            )
         except TimeoutError:
             await self.close()
             raise classify_ssh_failure(self.target, "timed out", 124) from None
-        if not line:
-            code = await proc.wait()
-            if self._stderr_task is not None:
-                await self._stderr_task
+        if not ready:
+            code = await asyncio.to_thread(proc.wait)
+            if self._stderr_thread is not None:
+                await asyncio.to_thread(self._stderr_thread.join, 2)
             stderr = "\n".join(self._stderr)
             self._proc = None
             raise classify_ssh_failure(self.target, stderr, code)
@@ -216,19 +171,23 @@ class SshMaster:
         """Return when the master exits (the connection is gone)."""
         if self._proc is None:
             return 0
-        return await self._proc.wait()
+        return await asyncio.to_thread(self._proc.wait)
 
     def last_error(self) -> str:
         return self._stderr[-1] if self._stderr else ""
 
     async def close(self) -> None:
         proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
         if proc is not None:
-            await runner.terminate(proc)
-        if self._stderr_task is not None:
-            self._stderr_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._stderr_task
-            self._stderr_task = None
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
