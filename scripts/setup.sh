@@ -5,15 +5,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for pkg in openssh-server openssh-client rsync; do
+# ssh and rsync for dev-sync itself; supervisor, node and npm for the tests of
+# remote actions (the sandbox remote is this machine).
+for pkg in openssh-server openssh-client rsync supervisor; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing ${missing[*]}"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v pm2 >/dev/null 2>&1; then
+  echo "installing pm2"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo npm install -g --silent pm2 >/dev/null
 fi
 
 python=${PYTHON:-python3}

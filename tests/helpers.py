@@ -471,7 +471,7 @@ def tcp_proxy(sandbox: SandboxInfo) -> Iterator[TcpProxy]:
 # Projects
 
 
-TomlValue = str | int | float | bool | Sequence[str]
+TomlValue = str | int | float | bool | Sequence["TomlValue"] | Mapping[str, "TomlValue"]
 
 
 def toml_value(value: TomlValue) -> str:
@@ -490,6 +490,8 @@ def toml_value(value: TomlValue) -> str:
             else:
                 out.append(ch)
         return '"' + "".join(out) + '"'
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return "[" + ", ".join(toml_value(v) for v in value) + "]"
 
 

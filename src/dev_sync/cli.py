@@ -16,19 +16,29 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from dev_sync import __version__
+from dev_sync import __version__, runner
 from dev_sync.config import CONFIG_NAME, Config, load_config, parse_config, starter_text
 from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
 from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
+from dev_sync.services import (
+    ManagerName,
+    ProcessManager,
+    RestartOutcome,
+    ServiceStatus,
+    managers_for,
+    restart_and_check,
+)
+from dev_sync.ssh import SshMaster, Target
 from dev_sync.state import SessionFiles
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 config_option = click.option(
     "--config",
@@ -126,7 +136,8 @@ def _run_session(
     # rsync's per-file progress lines cost CPU to parse: only for a visible bar.
     progress = isinstance(human, ConsoleReporter) and human.console.is_terminal
     engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
-                    allow_delete=allow_delete, progress=progress)
+                    allow_delete=allow_delete, progress=progress,
+                    actions_log=files.dir / "actions.log")
     status.pending = lambda: engine.batcher.pending
     try:
         asyncio.run(engine.run())
@@ -263,6 +274,172 @@ def doctor(config_path: Path | None) -> None:
     ok = run_doctor(config_path)
     if not ok:
         sys.exit(1)
+
+
+def _on_remote(config: Config, work: Callable[[SshMaster], Awaitable[T]]) -> T:
+    """Run ``work`` with a connected master, closing it whatever happens."""
+
+    async def go() -> T:
+        master = SshMaster(Target.from_config(config))
+        await master.connect()
+        try:
+            return await work(master)
+        finally:
+            await master.close()
+
+    return asyncio.run(go())
+
+
+def _service_name(config: Config, name: str) -> None:
+    if name not in config.services:
+        known = ", ".join(sorted(config.services)) or "none are configured"
+        raise UsageError(
+            f"no service named {name!r} in {config.source} (services: {known})",
+            "add it as [services.NAME] in dev-sync.toml, or use one of those names",
+        )
+
+
+def _managers(config: Config, master: SshMaster) -> dict[ManagerName, ProcessManager]:
+    return managers_for(master, config.remote.path, config.local_root.name, config.services)
+
+
+@cli.group("services", invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def services_group(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """Show the remote services: state, pid, uptime, restarts, port."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _load(config_path)
+    if not config.services:
+        raise UsageError(f"no [services] in {config.source}",
+                         "add [services.NAME] tables (see the README)")
+
+    async def work(master: SshMaster) -> list[tuple[str, str, ServiceStatus]]:
+        rows = []
+        for kind, manager in _managers(config, master).items():
+            for name, st in (await manager.status()).items():
+                rows.append((name, kind, st))
+        return sorted(rows, key=lambda r: r[0])
+
+    rows = _on_remote(config, work)
+    if as_json:
+        click.echo(json.dumps([{"name": n, "manager": k, **asdict(st)} for n, k, st in rows],
+                              indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("service", "manager", "state", "pid", "uptime", "restarts", "port")
+    for name, kind, st in rows:
+        uptime = "" if st.uptime_s is None else _ago(time.time() - st.uptime_s).removesuffix(
+            " ago")
+        table.add_row(name, kind, st.state, str(st.pid or ""), uptime,
+                      "" if st.restarts is None else str(st.restarts), str(st.port or ""))
+    Console(highlight=False).print(table)
+
+
+@services_group.command("install")
+@config_option
+def services_install(config_path: Path | None) -> None:
+    """Write the process-manager configuration on the remote and start everything."""
+    config = _load(config_path)
+    if not config.services:
+        raise UsageError(f"no [services] in {config.source}",
+                         "add [services.NAME] tables (see the README)")
+
+    async def work(master: SshMaster) -> list[str]:
+        changed: list[str] = []
+        for manager in _managers(config, master).values():
+            changed += await manager.install()
+        return changed
+
+    changed = _on_remote(config, work)
+    click.echo(f"installed {len(config.services)} service(s) on {config.remote.host}"
+               + (f"; (re)started: {', '.join(sorted(changed))}" if changed else "; unchanged"))
+
+
+@cli.command()
+@config_option
+@click.argument("name")
+def restart(config_path: Path | None, name: str) -> None:
+    """Restart one remote service now (and check it stays up)."""
+    config = _load(config_path)
+    _service_name(config, name)
+
+    async def work(master: SshMaster) -> RestartOutcome:
+        manager = _managers(config, master)[config.services[name].manager]
+        return await restart_and_check(manager, name)
+
+    outcome = _on_remote(config, work)
+    if outcome.ok:
+        click.echo(f"{name} restarted: {outcome.status.state} (pid {outcome.status.pid})")
+        return
+    raise DevSyncError(
+        f"{name} is crash-looping after the restart: {outcome.problem}\n"
+        + "\n".join(f"  | {ln}" for ln in outcome.log_tail.splitlines()[-15:]),
+        f"see `dev-sync logs {name}`",
+    )
+
+
+@cli.command()
+@config_option
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=40, show_default=True, help="Lines to show.")
+def logs(config_path: Path | None, name: str, follow: bool, lines: int) -> None:
+    """Print the log of a remote service."""
+    config = _load(config_path)
+    _service_name(config, name)
+
+    async def work(master: SshMaster) -> int:
+        manager = _managers(config, master)[config.services[name].manager]
+        if not follow:
+            click.echo(await manager.logs(name, lines), nl=False)
+            return 0
+        proc = await runner.start(master.command(manager.follow_argv(name, lines)),
+                                  stdout=None, stderr=None)
+        try:
+            return await proc.wait()
+        except asyncio.CancelledError:
+            await runner.terminate(proc)
+            raise
+
+    try:
+        _on_remote(config, work)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True,
+                                       "allow_interspersed_args": False})
+@config_option
+@click.option("--service", "service", default=None,
+              help="Run in this service's folder with its environment.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(config_path: Path | None, service: str | None, command: tuple[str, ...]) -> None:
+    """Run a command in the remote root (dev-sync exec -- npm test)."""
+    config = _load(config_path)
+    cwd, env = config.remote.path, {}
+    if service is not None:
+        _service_name(config, service)
+        svc = config.services[service]
+        cwd = f"{config.remote.path.rstrip('/')}/{svc.cwd}".rstrip("/.") or "/"
+        env = dict(svc.env)
+        if svc.port is not None:
+            env.setdefault("PORT", str(svc.port))  # as the service itself sees it
+    argv = ["sh", "-c", 'cd -- "$1" && shift && exec env "$@"', "dev-sync-exec", cwd,
+            *[f"{k}={v}" for k, v in env.items()], *command]
+
+    async def work(master: SshMaster) -> int:
+        proc = await runner.start(master.command(argv, tty=sys.stdin.isatty()),
+                                  stdin=None, stdout=None, stderr=None)
+        return await proc.wait()
+
+    code = _on_remote(config, work)
+    if code:
+        sys.exit(code)
 
 
 @cli.group()

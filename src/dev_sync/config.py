@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
+from dev_sync.services import ServiceConfig, ServiceName
 
 CONFIG_NAME = "dev-sync.toml"
 
@@ -126,6 +128,8 @@ class Config(_Strict):
 
     remote: RemoteConfig
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    deps: DepsConfig = Field(default_factory=DepsConfig)
+    services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
     source: Path = Field(default=Path(CONFIG_NAME), exclude=True)
 
     @property

@@ -16,9 +16,11 @@ import random
 import signal
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 from dev_sync import remote
+from dev_sync.actions import Actions
 from dev_sync.batcher import Batch, Batcher
 from dev_sync.config import Config
 from dev_sync.errors import ConnectionFailed, DevSyncError, SafetyStop
@@ -56,6 +58,7 @@ class Engine:
         adopt: bool = False,
         allow_delete: bool = False,
         progress: bool = True,
+        actions_log: Path | None = None,
     ) -> None:
         self.config = config
         self.root = config.local_root
@@ -74,6 +77,7 @@ class Engine:
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
+        self.actions = Actions(config, self.master, lambda: self.rules, reporter, actions_log)
         self.watcher: Watcher | None = None
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -142,6 +146,7 @@ class Engine:
         self._tasks.clear()
         if self.watcher is not None:
             self.watcher.close()
+        await self.actions.close()
         await self.master.close()
 
     def _state(self, state: str, detail: str = "") -> None:
@@ -213,6 +218,13 @@ class Engine:
                 ) from None
             await self._recover(str(exc))
         if self.once or self.watcher is None:
+            await self.actions.idle()
+            if self.actions.failed:
+                raise DevSyncError(
+                    f"the tree is in sync, but {len(self.actions.failed)} dependency "
+                    "install(s) failed on the remote",
+                    "see the output above: fix the cause and run `dev-sync up` again",
+                )
             return
         self._tasks.append(asyncio.create_task(self._watch()))
         self.reporter.emit(Watching(type(self.watcher).__name__.removesuffix("Watcher").lower(),
@@ -262,6 +274,7 @@ class Engine:
         )
         if self.watcher is not None and not self.once:
             self._state("watching")
+        await self.actions.refresh()
 
     def _included(self, rel: str) -> bool:
         """rsync does not apply rules to the parents of listed names: filter here too."""
@@ -280,6 +293,7 @@ class Engine:
         )
         for line in stats.warnings[:5]:
             self.reporter.emit(Problem(line))
+        self.actions.after_push(changes)
 
     async def _next(self) -> Batch | None:
         """The next batch, or None when the connection dropped first."""

@@ -98,6 +98,50 @@ class Problem(Event):
 
 
 @dataclass(frozen=True)
+class InstallStarted(Event):
+    label: str
+    directory: str
+    command: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstallLine(Event):
+    label: str
+    directory: str
+    line: str
+
+
+@dataclass(frozen=True)
+class InstallFinished(Event):
+    label: str
+    directory: str
+    ok: bool
+    code: int
+    ms: int
+    tail: tuple[str, ...] = ()
+    rerun: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceRestarting(Event):
+    name: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class ServiceRestarted(Event):
+    name: str
+    cause: str
+    ok: bool
+    ms: int
+    state: str
+    pid: int | None
+    problem: str = ""
+    log_tail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stopped(Event):
     reason: str = "stopped"
 
@@ -217,6 +261,32 @@ class ConsoleReporter:
                 c.print(f"[dim]{stamp}[/] [{color}]{event.level}[/]: {_escape(event.cause)}")
                 if event.fix:
                     c.print(f"  [dim]fix:[/] {_escape(event.fix)}")
+            case InstallStarted():
+                c.print(f"[dim]{self._stamp()}[/] [magenta]⚙[/] {_escape(event.label)}: "
+                        f"{_escape(event.command)}")
+            case InstallLine():
+                c.print(f"  [dim]{_escape(event.directory or '.')} │[/] {_escape(event.line)}")
+            case InstallFinished(ok=True):
+                c.print(f"[dim]{self._stamp()}[/] [green]✓[/] {_escape(event.label)} "
+                        f"({event.ms / 1000:.1f} s)")
+            case InstallFinished():
+                c.print(f"[dim]{self._stamp()}[/] [red]✗[/] {_escape(event.label)} failed "
+                        f"(exit {event.code}); syncing goes on, the next change retries")
+                for line in event.tail[-10:]:
+                    c.print(f"  [dim]│[/] {_escape(line)}")
+                c.print(f"  [dim]rerun:[/] {_escape(event.rerun)}")
+            case ServiceRestarting():
+                c.print(f"[dim]{self._stamp()}[/] [blue]↻[/] restarting {_escape(event.name)} "
+                        f"({_escape(event.cause)} changed)")
+            case ServiceRestarted(ok=True):
+                c.print(f"[dim]{self._stamp()}[/] [green]✓[/] {_escape(event.name)} "
+                        f"{event.state} (pid {event.pid})")
+            case ServiceRestarted():
+                c.print(f"[dim]{self._stamp()}[/] [red]✗[/] {_escape(event.name)} is "
+                        f"crash-looping: {_escape(event.problem)}; not restarting it again "
+                        "until the next change")
+                for line in event.log_tail:
+                    c.print(f"  [dim]│[/] {_escape(line)}")
             case Stopped():
                 self._end_bar()
                 c.print(f"[dim]{self._stamp()}[/] stopped ({event.reason})")
@@ -266,6 +336,14 @@ class StatusReporter:
             case Pushed() | Reconciled():
                 self.pushes += 1
                 self.last_push = {"ts": time.time(), "kind": event.kind, **asdict(event)}
+            case ServiceRestarted(ok=False):
+                self.errors.append({"ts": time.time(), "kind": event.kind, "cause":
+                                    f"{event.name} is crash-looping: {event.problem}",
+                                    "fix": f"dev-sync logs {event.name}"})
+            case InstallFinished(ok=False):
+                self.errors.append({"ts": time.time(), "kind": event.kind, "cause":
+                                    f"{event.label} failed (exit {event.code})",
+                                    "fix": event.rerun})
             case Problem() | Offline():
                 self.errors.append({"ts": time.time(), "kind": event.kind, **asdict(event)})
             case Stopped():

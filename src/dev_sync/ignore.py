@@ -55,7 +55,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_EXCLUDES: tuple[str, ...] = (".git/", "node_modules/")
+# Version control, and the folders package managers fill on the remote
+# (npm, pip's virtualenv, bundler): never sent, never deleted there.
+DEFAULT_EXCLUDES: tuple[str, ...] = (".git/", "node_modules/", ".venv/", "**/vendor/bundle/")
 # Remote-side bookkeeping that is never synced and never deleted, anchored at the root:
 INTERNAL_EXCLUDES: tuple[str, ...] = ("/.dev-sync-root", "/.dev-sync/")
 
