@@ -77,7 +77,11 @@ class Session:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {kind!r} event within {timeout}s; saw {self.kinds()}")
+                problems = [e.get("cause") for e in self.of_kind("problem")]
+                raise AssertionError(
+                    f"no {kind!r} event within {timeout}s; saw {self.kinds()}; "
+                    f"problems: {problems}"
+                )
             try:
                 event = self._queue.get(timeout=left)
             except queue.Empty:

@@ -531,7 +531,8 @@ def test_full_remote_disk_is_reported_and_syncing_goes_on(project: Project) -> N
         with Session(project.config) as s:
             s.wait_watching()
             (project.local / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
-            problem = s.wait_for("problem", lambda e: "full" in e["cause"])
+            problem = s.wait_for("problem", lambda e: "full" in e["cause"], timeout=30)
+            assert "full" in problem["cause"], s.of_kind("problem")
             assert "free space" in problem["fix"]
             # Nothing half-written: no partial file, no rsync temp file.
             assert not [n for n in remote_ls() if "big" in n]

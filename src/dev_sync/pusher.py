@@ -35,7 +35,7 @@ from dev_sync.ssh import SshMaster
 
 # rsync exit codes that mean the connection, not the transfer, failed.
 CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
-PARTIAL, VANISHED, MAX_DELETE = 23, 24, 25
+FILE_IO, PARTIAL, VANISHED, MAX_DELETE = 11, 23, 24, 25
 
 
 class ConnectionLost(Exception):
@@ -229,12 +229,31 @@ class RsyncPusher:
             result = await self._rsync_with_progress(argv, data, progress)
         full_disk = result.returncode == PARTIAL and _DISK_FULL.search(result.stderr)
         if result.returncode not in ok or full_disk:
-            raise classify_failure(
+            error = classify_failure(
                 CommandError(result.argv, result.returncode, result.stdout, result.stderr),
                 self.master.target.label,
                 self.remote_root,
             )
+            if result.returncode == FILE_IO and not _DISK_FULL.search(result.stderr):
+                error = await self._explain_io_error(error)
+            raise error
         return result
+
+    async def _explain_io_error(self, error: Exception) -> Exception:
+        """rsync's own message about a failed write is sometimes lost with the
+        connection it was sent on; the remote's free space tells the likely cause."""
+        try:
+            out = (await self.master.run(["df", "-Pk", self.remote_root])).out
+            free_kb = int(out.splitlines()[-1].split()[3])
+        except (CommandError, IndexError, ValueError):
+            return error
+        host = self.master.target.label
+        return DevSyncError(
+            f"rsync could not write under {self.remote_root} on {host} (file I/O error); "
+            f"the remote disk may be full: {free_kb // 1024} MB free there",
+            f"free space on {host} (see `df -h {self.remote_root}`) or check permissions; "
+            "dev-sync retries on the next change",
+        )
 
     async def _rsync_with_progress(
         self, argv: list[str], data: bytes | None, progress: Callable[[Progress], None]
