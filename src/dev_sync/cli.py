@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 import click
 
 from dev_sync import __version__, runner
-from dev_sync.config import CONFIG_NAME, Config, load_config, parse_config, starter_text
+from dev_sync.config import (
+    CONFIG_NAME,
+    DEFAULT_ENV,
+    Config,
+    load_config,
+    parse_config,
+    starter_text,
+)
 from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
 from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
 from dev_sync.services import (
@@ -40,17 +47,34 @@ from dev_sync.state import SessionFiles
 
 T = TypeVar("T")
 
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"Config file (default: the nearest {CONFIG_NAME} upwards).",
-)
+def _remember_env(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta["dev_sync.env"] = value
+
+
+def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config FILE`` and ``--env NAME``, which every command takes."""
+    func = click.option(
+        "--env",
+        "env_name",
+        default=None,
+        expose_value=False,
+        callback=_remember_env,
+        help="Environment from [envs] (default: [remote], or DEV_SYNC_ENV).",
+    )(func)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"Config file (default: the nearest {CONFIG_NAME} upwards).",
+    )(func)
 
 
 def _load(config_path: Path | None) -> Config:
-    return load_config(config_path)
+    ctx = click.get_current_context(silent=True)
+    env = ctx.meta.get("dev_sync.env") if ctx is not None else None
+    return load_config(config_path, env)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +119,7 @@ def up(
 ) -> None:
     """Reconcile, then watch and push every change (until Ctrl-C)."""
     config = _load(config_path)
-    files = SessionFiles(config.source)
+    files = SessionFiles(config.source, config.env)
     if detach:
         if once:
             raise UsageError("--detach and --once do not go together")
@@ -159,7 +183,8 @@ def _detach(config: Config, files: SessionFiles, *, adopt: bool, allow_delete: b
             "see `dev-sync status`, or stop it with `dev-sync stop`",
         )
     files.ensure()
-    argv = [sys.executable, "-m", "dev_sync", "up", "--config", str(config.source)]
+    argv = [sys.executable, "-m", "dev_sync", "up", "--config", str(config.source),
+            "--env", config.env]
     if adopt:
         argv.append("--adopt")
     if allow_delete:
@@ -201,7 +226,7 @@ def _detach(config: Config, files: SessionFiles, *, adopt: bool, allow_delete: b
 def status(config_path: Path | None, as_json: bool) -> None:
     """Show the running session: state, last push, pending changes, errors."""
     config = _load(config_path)
-    files = SessionFiles(config.source)
+    files = SessionFiles(config.source, config.env)
     pid = files.running_pid()
     data: dict[str, Any] = files.read_status() or {}
     data["running"] = pid is not None
@@ -250,7 +275,7 @@ def _ago(ts: object) -> str:
 def stop(config_path: Path | None) -> None:
     """Stop the background session of this project."""
     config = _load(config_path)
-    files = SessionFiles(config.source)
+    files = SessionFiles(config.source, config.env)
     pid = files.running_pid()
     if pid is None or pid <= 0:
         click.echo("no dev-sync session running")
@@ -271,7 +296,7 @@ def doctor(config_path: Path | None) -> None:
     """Check ssh, rsync on both ends, the remote root and inotify limits."""
     from dev_sync.doctor import run_doctor
 
-    ok = run_doctor(config_path)
+    ok = run_doctor(_load(config_path))
     if not ok:
         sys.exit(1)
 
@@ -440,6 +465,32 @@ def exec_(config_path: Path | None, service: str | None, command: tuple[str, ...
     code = _on_remote(config, work)
     if code:
         sys.exit(code)
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def envs(config_path: Path | None, as_json: bool) -> None:
+    """List the environments ([remote] and [envs]) and which one is active."""
+    config = _load(config_path)
+    rows: list[dict[str, Any]] = []
+    try:
+        default = load_config(config.source, DEFAULT_ENV).remote
+    except DevSyncError:
+        default = None  # no [remote]: only [envs]
+    choices = ([(DEFAULT_ENV, default)] if default is not None else []) + sorted(
+        config.envs.items()
+    )
+    for name, remote in choices:
+        rows.append({"name": name, "active": name == config.env, "host": remote.host,
+                     "path": remote.path, "address": remote.address})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        mark = "*" if row["active"] else " "
+        address = f"  address {row['address']}" if row["address"] else ""
+        click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}")
 
 
 @cli.group()

@@ -7,13 +7,21 @@ the file, the key and what was expected, and exits 2.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
@@ -68,6 +76,20 @@ class RemoteConfig(_Strict):
     connect_timeout: float = Field(default=10.0, gt=0, le=300)
     # The rsync program on the remote (a name on its PATH, or an absolute path).
     rsync_path: str = Field(default="rsync", min_length=1)
+    # Where the machine's services answer (for the hosts block); default: host.
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"must be an IPv4 or IPv6 address, got {value!r}") from None
 
     @field_validator("path")
     @classmethod
@@ -123,10 +145,23 @@ class SyncConfig(_Strict):
         return value
 
 
+ENV_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+DEFAULT_ENV = "default"
+
+
 class Config(_Strict):
-    """The whole project file, plus where it was found."""
+    """The whole project file, plus where it was found and which environment is active.
+
+    ``remote`` is the active environment: ``[remote]`` itself (named "default")
+    or one of ``[envs.NAME]``, chosen by ``--env``, ``DEV_SYNC_ENV`` or the
+    personal config, so every command works the same against any of them.
+    """
 
     remote: RemoteConfig
+    envs: dict[Annotated[str, StringConstraints(pattern=ENV_NAME)], RemoteConfig] = Field(
+        default_factory=dict
+    )
+    env: str = Field(default=DEFAULT_ENV, exclude=True)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     deps: DepsConfig = Field(default_factory=DepsConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
@@ -190,22 +225,92 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         ) from None
 
 
-def load_config(path: Path | None = None) -> Config:
-    """Load the given file, or the nearest one upwards from the cwd."""
-    source = (path if path is not None else find_config()).resolve()
+def _read_toml(source: Path, what: str) -> dict[str, Any]:
     try:
         raw = source.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file", "check the --config path") from None
+        raise ConfigError(f"{source}: no such file", f"check the {what} path") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"{source}: not valid TOML: {exc}", f"fix the syntax in {source}"
         ) from None
-    return parse_config(data, source)
+
+
+def personal_config_path() -> Path:
+    """The engineer's own settings (which VM is mine), outside the shared repository."""
+    env = os.environ.get("DEV_SYNC_PERSONAL_CONFIG")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "dev-sync" / "config.toml"
+
+
+class PersonalConfig(_Strict):
+    """``~/.config/dev-sync/config.toml``: personal environments and the default choice."""
+
+    env: str | None = None
+    envs: dict[Annotated[str, StringConstraints(pattern=ENV_NAME)], dict[str, Any]] = Field(
+        default_factory=dict
+    )
+
+
+def _personal() -> tuple[Path, PersonalConfig] | None:
+    path = personal_config_path()
+    if not path.is_file():
+        return None
+    data = _read_toml(path, "personal config")
+    try:
+        personal = PersonalConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(path, e) for e in exc.errors()]
+        raise ConfigError("\n  ".join(lines), f"edit {path}") from None
+    # An ssh_config there is relative to that file, not to each project.
+    for table in personal.envs.values():
+        cfg = table.get("ssh_config")
+        if isinstance(cfg, str) and not Path(cfg).expanduser().is_absolute():
+            table["ssh_config"] = str(path.parent / cfg)
+    return path, personal
+
+
+def load_config(path: Path | None = None, env: str | None = None) -> Config:
+    """Load the given file (or the nearest one upwards) with the active environment.
+
+    The environment is ``env``, else ``$DEV_SYNC_ENV``, else the personal
+    config's ``env``, else ``[remote]``. Personal ``[envs.NAME]`` tables add to
+    (and override) the project's, so the shared file names no one's own VM.
+    """
+    source = (path if path is not None else find_config()).resolve()
+    data = _read_toml(source, "--config")
+    personal = _personal()
+    envs = data.get("envs", {})
+    if personal is not None and isinstance(envs, dict):
+        envs = {**envs, **personal[1].envs}
+        data["envs"] = envs
+    chosen = env or os.environ.get("DEV_SYNC_ENV") or (personal[1].env if personal else None)
+    if chosen and chosen != DEFAULT_ENV:
+        if not isinstance(envs, dict) or chosen not in envs:
+            known = ", ".join([DEFAULT_ENV, *sorted(envs)]) if isinstance(envs, dict) else ""
+            raise ConfigError(
+                f"{source}: no environment named {chosen!r} (known: {known})",
+                f"add [envs.{chosen}] to {source} or to {personal_config_path()}",
+            )
+        data["remote"] = envs[chosen]
+    elif "remote" not in data:
+        raise ConfigError(
+            f"{source}: [remote]: required table is missing and no environment was chosen",
+            "add [remote] with host and path, or pick one of [envs] with --env NAME",
+        )
+    if "env" in data:
+        raise ConfigError(f"{source}: env: unknown key",
+                          "choose the environment with --env NAME or DEV_SYNC_ENV")
+    config = parse_config(data, source)
+    if chosen and chosen != DEFAULT_ENV:
+        config = config.model_copy(update={"env": chosen})
+    return config
 
 
 STARTER = """\

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dev_sync import remote
-from dev_sync.config import Config, load_config
+from dev_sync.config import Config
 from dev_sync.errors import DevSyncError
 from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import local_rsync_version
@@ -107,11 +107,10 @@ async def remote_checks(config: Config) -> list[Check]:
     return checks
 
 
-def run_doctor(config_path: Path | None, console: Console | None = None) -> bool:
+def run_doctor(config: Config, console: Console | None = None) -> bool:
     """Print every check; True when nothing failed."""
     console = console or Console(highlight=False)
-    config = load_config(config_path)
-    checks = [Check("config", True, str(config.source))]
+    checks = [Check("config", True, f"{config.source} (environment {config.env})")]
     local = local_rsync_version()
     checks.append(Check(
         "local rsync", local is not None and local >= remote.MIN_RSYNC, _version(local),

@@ -30,8 +30,10 @@ def state_root() -> Path:
 class SessionFiles:
     """The files of one project's session."""
 
-    def __init__(self, config_path: Path) -> None:
-        key = hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:12]
+    def __init__(self, config_path: Path, env: str = "default") -> None:
+        # One session per project and environment: syncing to two VMs at once is fine.
+        ident = str(config_path.resolve()) + ("" if env == "default" else f"\0{env}")
+        key = hashlib.sha256(ident.encode()).hexdigest()[:12]
         self.dir = state_root() / "projects" / key
         self.status = self.dir / "status.json"
         self.lock = self.dir / "session.lock"
