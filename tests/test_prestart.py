@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_the_session_adopts_the_early_master(project: Project) -> None:
         await master.connect()
         try:
             assert master._proc is early
+            # Clients must ride on it: its socket is there, and -O check answers.
+            assert master.control_path.exists()
+            check = await master.run(["true"])
+            assert check.returncode == 0
+            ok = subprocess.run(["ssh", *master.client_options(), "-O", "check", "--",
+                                 master.target.host], capture_output=True, check=False)
+            assert ok.returncode == 0, ok.stderr
             assert (await master.run(["echo", "hi"])).out == "hi\n"
         finally:
             await master.close()

@@ -300,6 +300,7 @@ def test_sigterm_and_sigint_stop_cleanly_without_leftover_ssh(project: Project) 
         with Session(project.config) as s:
             s.wait_watching()
             assert ssh_processes(control), "the master connection should be up"
+            assert os.path.exists(control), "clients must find the master's socket"
             assert s.stop(sig) == 0
             assert s.of_kind("stopped")
         wait_until(lambda: not ssh_processes(control), timeout=5,

@@ -121,7 +121,8 @@ class SshMaster:
 
     async def spawn(self) -> None:
         """Start the master process; the handshake goes on while the caller works."""
-        await self.close()
+        if self._proc is not None:
+            await self.close()
         argv = self.target.master_argv()
         proc = prestart.adopt(argv)
         if proc is None:
@@ -185,9 +186,10 @@ class SshMaster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-        if proc is not None:
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+        if proc is None:
+            return  # nothing of ours: the socket may belong to an adopted master
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
