@@ -30,6 +30,7 @@ from dev_sync.events import (
     ServiceRestarted,
     ServiceRestarting,
 )
+from dev_sync.forwards import active_intercepts
 from dev_sync.ignore import RuleSet
 from dev_sync.runner import CommandError
 from dev_sync.ssh import SshMaster
@@ -45,6 +46,7 @@ class Actions:
         rules: Callable[[], RuleSet],
         reporter: Reporter,
         log_path: Path | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.root = config.local_root
@@ -53,6 +55,7 @@ class Actions:
         self.rules = rules
         self.reporter = reporter
         self.log_path = log_path
+        self.state_dir = state_dir
         self._log: TextIO | None = None
         self._record: dict[str, str] | None = None
         self._record_lock = asyncio.Lock()
@@ -139,6 +142,12 @@ class Actions:
                 self._restarting = 0
 
     async def _restart(self, name: str, cause: str) -> None:
+        if self.state_dir is not None and name in active_intercepts(self.state_dir):
+            # Its port is forwarded to the laptop: starting it on the remote
+            # would only crash-loop on a taken port.
+            self.reporter.emit(Problem(f"{name} is intercepted: not restarting it on the remote "
+                                       f"({cause} changed)"))
+            return
         self.reporter.emit(ServiceRestarting(name, cause))
         started = time.monotonic()
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,23 @@ from dev_sync.config import (
 )
 from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
 from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
+from dev_sync.forwards import (
+    Forward,
+    Intercept,
+    active_intercepts,
+    add_forwards,
+    plan_forwards,
+    restore_stale,
+)
+from dev_sync.hostsfile import (
+    apply_block,
+    find_block,
+    read_hosts,
+    remove_block,
+    validate_address,
+    validate_hostname,
+    write_hosts,
+)
 from dev_sync.services import (
     ManagerName,
     ProcessManager,
@@ -109,6 +128,8 @@ def init(config_path: Path | None, host: str, remote_path: str | None, force: bo
 @click.option(
     "--allow-delete", is_flag=True, help="Allow deleting beyond the [sync] delete_guard share."
 )
+@click.option("--forward", "with_forwards", is_flag=True,
+              help="Also forward every service port to this machine.")
 def up(
     config_path: Path | None,
     once: bool,
@@ -116,6 +137,7 @@ def up(
     as_json: bool,
     adopt: bool,
     allow_delete: bool,
+    with_forwards: bool,
 ) -> None:
     """Reconcile, then watch and push every change (until Ctrl-C)."""
     config = _load(config_path)
@@ -123,7 +145,7 @@ def up(
     if detach:
         if once:
             raise UsageError("--detach and --once do not go together")
-        _detach(config, files, adopt=adopt, allow_delete=allow_delete)
+        _detach(config, files, adopt=adopt, allow_delete=allow_delete, forward=with_forwards)
         return
     if not files.acquire():
         raise DevSyncError(
@@ -132,8 +154,12 @@ def up(
             "see `dev-sync status`, or stop it with `dev-sync stop`",
         )
     try:
+        forwards = _plan_forwards(config) if with_forwards else []
+        if forwards and not as_json:
+            click.echo("forwards (kept through reconnects):")
+            _print_forwards(forwards)
         code = _run_session(config, files, once=once, as_json=as_json, adopt=adopt,
-                            allow_delete=allow_delete)
+                            allow_delete=allow_delete, forwards=forwards)
     finally:
         files.release()
     if code:
@@ -142,7 +168,7 @@ def up(
 
 def _run_session(
     config: Config, files: SessionFiles, *, once: bool, as_json: bool, adopt: bool,
-    allow_delete: bool,
+    allow_delete: bool, forwards: Sequence[Forward],
 ) -> int:
     from dev_sync.engine import Engine
 
@@ -161,7 +187,7 @@ def _run_session(
     progress = isinstance(human, ConsoleReporter) and human.console.is_terminal
     engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
                     allow_delete=allow_delete, progress=progress,
-                    actions_log=files.dir / "actions.log")
+                    state_dir=files.dir, forwards=forwards)
     status.pending = lambda: engine.batcher.pending
     try:
         asyncio.run(engine.run())
@@ -175,7 +201,9 @@ def _run_session(
     return 0
 
 
-def _detach(config: Config, files: SessionFiles, *, adopt: bool, allow_delete: bool) -> None:
+def _detach(
+    config: Config, files: SessionFiles, *, adopt: bool, allow_delete: bool, forward: bool
+) -> None:
     pid = files.running_pid()
     if pid is not None:
         raise DevSyncError(
@@ -189,6 +217,8 @@ def _detach(config: Config, files: SessionFiles, *, adopt: bool, allow_delete: b
         argv.append("--adopt")
     if allow_delete:
         argv.append("--allow-delete")
+    if forward:
+        argv.append("--forward")
     with files.log.open("ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} dev-sync up --detach\n".encode())
         log.flush()
@@ -302,17 +332,30 @@ def doctor(config_path: Path | None) -> None:
 
 
 def _on_remote(config: Config, work: Callable[[SshMaster], Awaitable[T]]) -> T:
-    """Run ``work`` with a connected master, closing it whatever happens."""
+    """Run ``work`` with a connected master, closing it whatever happens.
+
+    An intercept left behind by a killed dev-sync is undone first, so its
+    service runs on the remote again before anything else touches it.
+    """
 
     async def go() -> T:
         master = SshMaster(Target.from_config(config))
         await master.connect()
         try:
+            await _restore_intercepts(config, master)
             return await work(master)
         finally:
             await master.close()
 
     return asyncio.run(go())
+
+
+async def _restore_intercepts(config: Config, master: SshMaster) -> None:
+    if not config.services:
+        return
+    state = SessionFiles(config.source, config.env).dir
+    for name in await restore_stale(master, _managers(config, master), state):
+        click.echo(f"restored {name} on the remote (an intercept was left behind)", err=True)
 
 
 def _service_name(config: Config, name: str) -> None:
@@ -373,6 +416,13 @@ def services_install(config_path: Path | None) -> None:
     if not config.services:
         raise UsageError(f"no [services] in {config.source}",
                          "add [services.NAME] tables (see the README)")
+
+    busy = active_intercepts(SessionFiles(config.source, config.env).dir)
+    if busy:
+        raise UsageError(
+            f"{', '.join(sorted(busy))} is intercepted: its traffic goes to this machine",
+            "end the intercept (Ctrl-C in its terminal) and run this again",
+        )
 
     async def work(master: SshMaster) -> list[str]:
         changed: list[str] = []
@@ -465,6 +515,263 @@ def exec_(config_path: Path | None, service: str | None, command: tuple[str, ...
     code = _on_remote(config, work)
     if code:
         sys.exit(code)
+
+
+def _plan_forwards(config: Config) -> list[Forward]:
+    forwards = plan_forwards(config.services)
+    if not forwards:
+        raise UsageError(f"no service in {config.source} has a port",
+                         "set port = N in the [services.NAME] tables to forward")
+    for f in forwards:
+        if f.moved:
+            click.echo(f"local port {f.remote_port} is taken, using {f.local_port} for {f.name}")
+    return forwards
+
+
+def _print_forwards(forwards: Sequence[Forward]) -> None:
+    for f in forwards:
+        click.echo(f"  {f.name:<16} {f.url}  ->  remote 127.0.0.1:{f.remote_port}")
+
+
+@cli.command()
+@config_option
+def forward(config_path: Path | None) -> None:
+    """Forward every service port to this machine until Ctrl-C (reconnects by itself)."""
+    config = _load(config_path)
+    forwards = _plan_forwards(config)
+
+    async def go() -> None:
+        master = SshMaster(Target.from_config(config))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await master.connect()
+            await _restore_intercepts(config, master)
+            await add_forwards(master, forwards)
+            click.echo(f"forwarding {len(forwards)} port(s) from {config.remote.host}; "
+                       "Ctrl-C to stop:")
+            _print_forwards(forwards)
+            delay = 0.5
+            while not stop.is_set():
+                lost = asyncio.create_task(master.wait_closed())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                stopping.cancel()
+                if stop.is_set():
+                    break
+                click.echo(f"connection lost; reconnecting in {delay:.1f}s", err=True)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    break
+                except TimeoutError:
+                    pass
+                try:
+                    await master.connect()
+                    await add_forwards(master, forwards)
+                    click.echo("forwards restored", err=True)
+                    delay = 0.5
+                except DevSyncError as exc:
+                    click.echo(f"still offline: {exc.cause}", err=True)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            await master.close()
+
+    asyncio.run(go())
+
+
+@cli.command()
+@config_option
+@click.argument("name")
+@click.option("--port", "local_port", type=click.IntRange(1, 65535), default=None,
+              help="Local port of your process (default: the service's port).")
+def intercept(config_path: Path | None, name: str, local_port: int | None) -> None:
+    """Route one service's traffic on the VM to a process on this machine, until Ctrl-C."""
+    config = _load(config_path)
+    _service_name(config, name)
+    svc = config.services[name]
+    if svc.port is None:
+        raise UsageError(f"[services.{name}] has no port to intercept",
+                         f"set port = N in [services.{name}]")
+    state = SessionFiles(config.source, config.env)
+    state.ensure()
+    remote_port, local = svc.port, local_port or svc.port
+
+    async def go() -> None:
+        master = SshMaster(Target.from_config(config))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await master.connect()
+        try:
+            await _restore_intercepts(config, master)
+            manager = _managers(config, master)[svc.manager]
+            async with Intercept(master, manager, name, remote_port, local, state.dir) as ic:
+                click.echo(f"{name}: traffic to 127.0.0.1:{remote_port} on {config.remote.host} "
+                           f"now reaches 127.0.0.1:{local} here; Ctrl-C to end")
+                if not ic.local_ready():
+                    click.echo(f"  note: nothing listens on 127.0.0.1:{local} here yet", err=True)
+                while not stop.is_set():
+                    lost = asyncio.create_task(master.wait_closed())
+                    stopping = asyncio.create_task(stop.wait())
+                    await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    lost.cancel()
+                    stopping.cancel()
+                    if stop.is_set():
+                        break
+                    click.echo("connection lost; reconnecting to restore the intercept",
+                               err=True)
+                    await _reconnect(master, stop)
+                    if not stop.is_set():
+                        await ic.reattach()
+            click.echo(f"{name} runs on the remote again")
+        finally:
+            await master.close()
+
+    asyncio.run(go())
+
+
+async def _reconnect(master: SshMaster, stop: asyncio.Event) -> None:
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await master.connect()
+            return
+        except DevSyncError:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+
+
+DEFAULT_HOSTS = Path("/etc/hosts")
+hosts_file_option = click.option(
+    "--hosts-file", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HOSTS,
+    show_default=True, help="The hosts file to edit.",
+)
+
+
+def _address_of(config: Config) -> str:
+    """Where the active environment's services answer: its address, or its host's."""
+    if config.remote.address:
+        return config.remote.address
+    import ipaddress
+    import socket
+
+    argv = ["ssh", *Target.from_config(config).options(), "-G", "--", config.remote.host]
+    try:
+        out = runner.run(argv, timeout=10).out
+    except runner.CommandError as exc:
+        raise DevSyncError(f"cannot read the ssh settings of {config.remote.host}: "
+                           f"{exc.last_line()}", "set address = \"IP\" in the environment"
+                           ) from None
+    name = next((ln.split(None, 1)[1] for ln in out.splitlines()
+                 if ln.startswith("hostname ")), config.remote.host)
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        return str(socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0])
+    except OSError:
+        table = "remote" if config.env == DEFAULT_ENV else f"envs.{config.env}"
+        raise DevSyncError(
+            f"cannot resolve {name!r} (the address of environment {config.env})",
+            f'set address = "IP" in [{table}]',
+        ) from None
+
+
+def _hosts_entries(config: Config, address: str) -> list[tuple[str, str]]:
+    names = [(n, s.hostname) for n, s in sorted(config.services.items()) if s.hostname]
+    if not names:
+        raise UsageError(f"no service in {config.source} has a hostname",
+                         "set hostname = \"api.dev.local\" in the [services.NAME] tables")
+    try:
+        addr = validate_address(address)
+        return [(addr, validate_hostname(host)) for _, host in names]
+    except ValueError as exc:
+        raise UsageError(str(exc), "fix the hostname or address in dev-sync.toml") from None
+
+
+def _sudo_hint(args: Sequence[str]) -> str:
+    exe = shutil.which("dev-sync") or "dev-sync"
+    return "sudo " + shlex.join([exe, *args])
+
+
+@cli.group()
+def hosts() -> None:
+    """Point service hostnames at the VM through a marked block in /etc/hosts."""
+
+
+@hosts.command("apply")
+@config_option
+@hosts_file_option
+@click.option("--via-forward", is_flag=True,
+              help="Map the names to 127.0.0.1 (with `dev-sync forward` running).")
+def hosts_apply(config_path: Path | None, hosts_file: Path, via_forward: bool) -> None:
+    """Map every service hostname to the active environment's address."""
+    config = _load(config_path)
+    address = "127.0.0.1" if via_forward else _address_of(config)
+    entries = _hosts_entries(config, address)
+    project = config.local_root.name
+    args = ["hosts", "apply", "--config", str(config.source), "--env", config.env]
+    if hosts_file != DEFAULT_HOSTS:
+        args += ["--hosts-file", str(hosts_file)]
+    if via_forward:
+        args.append("--via-forward")
+    try:
+        text = apply_block(read_hosts(hosts_file), project, entries)
+    except ValueError as exc:
+        raise DevSyncError(f"{hosts_file}: {exc}", "repair or remove that block by hand"
+                           ) from None
+    result = write_hosts(hosts_file, text, sudo_hint=_sudo_hint(args))
+    names = ", ".join(host for _, host in entries)
+    if not result.changed:
+        click.echo(f"{hosts_file} already maps {names} to {address} ({config.env})")
+        return
+    how = " (written in place: the file is a mount point)" if result.in_place else ""
+    click.echo(f"{names} -> {address} ({config.env}) in {hosts_file}{how}")
+
+
+@hosts.command("clear")
+@config_option
+@hosts_file_option
+def hosts_clear(config_path: Path | None, hosts_file: Path) -> None:
+    """Remove this project's block from the hosts file."""
+    config = _load(config_path)
+    args = ["hosts", "clear", "--config", str(config.source)]
+    if hosts_file != DEFAULT_HOSTS:
+        args += ["--hosts-file", str(hosts_file)]
+    try:
+        text = remove_block(read_hosts(hosts_file), config.local_root.name)
+    except ValueError as exc:
+        raise DevSyncError(f"{hosts_file}: {exc}", "repair or remove that block by hand"
+                           ) from None
+    result = write_hosts(hosts_file, text, sudo_hint=_sudo_hint(args))
+    click.echo(f"removed the dev-sync block from {hosts_file}" if result.changed
+               else f"{hosts_file} has no dev-sync block for this project")
+
+
+@hosts.command("show")
+@config_option
+@hosts_file_option
+def hosts_show(config_path: Path | None, hosts_file: Path) -> None:
+    """Show where this project's hostnames point now."""
+    config = _load(config_path)
+    try:
+        entries = find_block(read_hosts(hosts_file), config.local_root.name)
+    except ValueError as exc:
+        raise DevSyncError(f"{hosts_file}: {exc}", "repair or remove that block by hand"
+                           ) from None
+    if entries is None:
+        click.echo(f"{hosts_file} has no dev-sync block for this project")
+        sys.exit(3)
+    for address, host in entries:
+        click.echo(f"{host:<32} {address}")
 
 
 @cli.command()

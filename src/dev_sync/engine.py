@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,6 +36,7 @@ from dev_sync.events import (
     Stopped,
     Watching,
 )
+from dev_sync.forwards import Forward, add_forwards, restore_stale
 from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
 from dev_sync.ssh import SshMaster, Target
@@ -58,7 +59,8 @@ class Engine:
         adopt: bool = False,
         allow_delete: bool = False,
         progress: bool = True,
-        actions_log: Path | None = None,
+        state_dir: Path | None = None,
+        forwards: Sequence[Forward] = (),
     ) -> None:
         self.config = config
         self.root = config.local_root
@@ -77,7 +79,12 @@ class Engine:
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
-        self.actions = Actions(config, self.master, lambda: self.rules, reporter, actions_log)
+        self.state_dir = state_dir
+        self.forwards = list(forwards)
+        self.actions = Actions(
+            config, self.master, lambda: self.rules, reporter,
+            state_dir / "actions.log" if state_dir else None, state_dir,
+        )
         self.watcher: Watcher | None = None
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -178,6 +185,13 @@ class Engine:
             rsync=self.config.remote.rsync_path,
         )
         self._fresh_remote = info.created and info.state in ("missing", "empty")
+        if self.config.services and self.state_dir is not None:
+            for name in await restore_stale(self.master, self.actions.managers(), self.state_dir):
+                self.reporter.emit(Problem(f"restored {name} on the remote: an intercept "
+                                           "was left behind by a stopped dev-sync"))
+        if self.forwards:
+            # Forwards live in the master: every new connection needs them again.
+            await add_forwards(self.master, self.forwards)
         self._lost.clear()
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
