@@ -169,3 +169,26 @@ def test_intercept_routes_remote_traffic_here_and_restores(project: Project,
         wait_until(lambda: get(service) == "remote", timeout=15)
     finally:
         laptop.close()
+
+
+def test_intercept_ends_and_restores_when_the_connection_drops(project: Project,
+                                                               service: int) -> None:
+    laptop = LocalServer()
+    try:
+        with TcpProxy(project.sandbox.port) as proxy:
+            project.write_config(remote=project.via_proxy(proxy), sections={"services.api": {
+                "command": "python3 server.py", "cwd": "api", "port": service,
+                "manager": "command"}})
+            proc = spawn("intercept", "api", "--port", str(laptop.port),
+                         "--config", str(project.config))
+            read_until(proc, "now reaches")
+            assert get(service) == "local"
+            proxy.cut()
+            read_until(proc, "connection lost")
+            proxy.restore()
+            out = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 1, out
+            assert "intercept api" in out and "runs on the remote again" in out
+            wait_until(lambda: get(service) == "remote", timeout=15)
+    finally:
+        laptop.close()

@@ -598,8 +598,10 @@ def intercept(config_path: Path | None, name: str, local_port: int | None) -> No
     state = SessionFiles(config.source, config.env)
     state.ensure()
     remote_port, local = svc.port, local_port or svc.port
+    dropped = False
 
     async def go() -> None:
+        nonlocal dropped
         master = SshMaster(Target.from_config(config))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -614,24 +616,26 @@ def intercept(config_path: Path | None, name: str, local_port: int | None) -> No
                            f"now reaches 127.0.0.1:{local} here; Ctrl-C to end")
                 if not ic.local_ready():
                     click.echo(f"  note: nothing listens on 127.0.0.1:{local} here yet", err=True)
-                while not stop.is_set():
-                    lost = asyncio.create_task(master.wait_closed())
-                    stopping = asyncio.create_task(stop.wait())
-                    await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    lost.cancel()
-                    stopping.cancel()
-                    if stop.is_set():
-                        break
-                    click.echo("connection lost; reconnecting to restore the intercept",
-                               err=True)
+                lost = asyncio.create_task(master.wait_closed())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                stopping.cancel()
+                if not stop.is_set():
+                    # The reverse forward died with the connection: nothing on the
+                    # VM can reach this machine now, so the service goes back there.
+                    dropped = True
+                    click.echo(f"connection lost; reconnecting to start {name} on the remote "
+                               "again", err=True)
                     await _reconnect(master, stop)
-                    if not stop.is_set():
-                        await ic.reattach()
             click.echo(f"{name} runs on the remote again")
         finally:
             await master.close()
 
     asyncio.run(go())
+    if dropped:
+        raise DevSyncError(f"the connection to {config.remote.host} was lost, so the intercept "
+                           f"of {name} ended", f"run `dev-sync intercept {name}` again")
 
 
 async def _reconnect(master: SshMaster, stop: asyncio.Event) -> None:
