@@ -714,7 +714,11 @@ class Bench:
             f"path = {json.dumps(str(remote))}\n"
             f"ssh_config = {json.dumps(str(self.info.ssh_config))}\n\n"
             "[sync]\n"
-            'exclude = ["node_modules/", ".git/"]\n'
+            'exclude = ["node_modules/", ".git/"]\n\n'
+            "# The synthetic lock files name packages no registry here has: this\n"
+            "# benchmark measures the sync, not installs (bench/actions.py does).\n"
+            "[deps]\n"
+            "enabled = false\n"
         )
         self.configs.append(cfg)
         return cfg
