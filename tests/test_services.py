@@ -233,6 +233,21 @@ def test_launcher_keeps_every_value_literal(tmp_path: Path) -> None:
     assert done.stdout == f"{root}/svc 'a'|{weird}|8123|/bin/sh\n"
 
 
+def test_a_simple_command_is_execd_so_the_manager_sees_the_server(tmp_path: Path) -> None:
+    service = svc(command="sh -c 'echo $$ > pid; exec sleep 5'", cwd=".")
+    assert "exec /bin/sh -c" in launcher_text("web", service, str(tmp_path))
+    simple = svc(command="python3 -c pass --flag 'two words'", cwd=".")
+    text = launcher_text("web", simple, str(tmp_path))
+    assert text.splitlines()[-1] == "exec python3 -c pass --flag 'two words'"
+    # The launcher's own process becomes the program: same pid all the way.
+    probe = svc(command=f"python3 {tmp_path / 'p.py'}", cwd=".")
+    (tmp_path / "p.py").write_text("import os; print(os.getpid())\n")
+    proc = subprocess.Popen(["/bin/sh", "-c", launcher_text("web", probe, str(tmp_path))],
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert int(out) == proc.pid
+
+
 def test_launcher_port_does_not_override_env() -> None:
     text = launcher_text("web", svc(port=80, env={"PORT": "9000"}), "/srv/app")
     assert "export PORT=9000" in text and "export PORT=80" not in text

@@ -371,8 +371,30 @@ def launcher_text(name: str, service: ServiceConfig, remote_root: str) -> str:
         f"cd {shlex.quote(cwd)} || exit 126",
     ]
     lines += [f"export {key}={shlex.quote(val)}" for key, val in env.items()]
-    lines.append(f"exec /bin/sh -c {shlex.quote(service.command)}")
+    words = _simple_command(service.command)
+    if words is not None:
+        # Exec'd directly, the manager's pid is the server's own (and its
+        # signals reach it), rather than a shell waiting for it.
+        lines.append(f"exec {shlex.join(words)}")
+    else:
+        lines.append(f"exec /bin/sh -c {shlex.quote(service.command)}")
     return "\n".join(lines) + "\n"
+
+
+_SHELL_SYNTAX = frozenset(";&|<>()$`*?[]{}~#\n\\")
+
+
+def _simple_command(command: str) -> list[str] | None:
+    """The words of a command that needs no shell (no pipes, globs, variables...)."""
+    if any(ch in _SHELL_SYNTAX for ch in command):
+        return None
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words or "=" in words[0]:
+        return None
+    return words
 
 
 class _Paths:
