@@ -386,7 +386,7 @@ class RuleSet:
             rel_dir and not included and self.is_excluded(rel_dir, is_dir=True)
         ):
             return
-        path = self.root / rel_dir / RULE_FILE if rel_dir else self.root / RULE_FILE
+        path = os.path.join(self.root, rel_dir, RULE_FILE)  # no pathlib: walks call this a lot
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -604,15 +604,26 @@ def walk_dirs(rules: RuleSet) -> Iterator[str]:
     not followed (git and rsync --links treat them as files). A directory that
     vanishes or cannot be read is skipped: the tree changes while we walk it.
     """
+    root = str(rules.root)
     stack = [""]
     while stack:
         rel = stack.pop()
+        has_rules = False
+        subdirs = []
         try:
-            with os.scandir(rules.root / rel if rel else rules.root) as it:
-                subdirs = sorted(e.name for e in it if _is_real_dir(e))
+            with os.scandir(os.path.join(root, rel)) as it:
+                for entry in it:
+                    if _is_real_dir(entry):
+                        subdirs.append(entry.name)
+                    elif entry.name == RULE_FILE:
+                        has_rules = True
         except OSError:
             continue
-        rules.load_dir(rel, included=True)
+        subdirs.sort()
+        # Most folders have no .gitignore: skip the open() that would fail
+        # (unless one was read here before and must now be forgotten).
+        if has_rules or rel in rules._files:
+            rules.load_dir(rel, included=True)
         yield rel
         for name in reversed(subdirs):
             child = f"{rel}/{name}" if rel else name
