@@ -44,15 +44,6 @@ from dev_sync.forwards import (
     plan_forwards,
     restore_stale,
 )
-from dev_sync.hostsfile import (
-    apply_block,
-    find_block,
-    read_hosts,
-    remove_block,
-    validate_address,
-    validate_hostname,
-    write_hosts,
-)
 from dev_sync.services import (
     ManagerName,
     ProcessManager,
@@ -690,6 +681,8 @@ def _address_of(config: Config) -> str:
 
 
 def _hosts_entries(config: Config, address: str) -> list[tuple[str, str]]:
+    from dev_sync.hostsfile import validate_address, validate_hostname
+
     names = [(n, s.hostname) for n, s in sorted(config.services.items()) if s.hostname]
     if not names:
         raise UsageError(f"no service in {config.source} has a hostname",
@@ -718,6 +711,8 @@ def hosts() -> None:
               help="Map the names to 127.0.0.1 (with `dev-sync forward` running).")
 def hosts_apply(config_path: Path | None, hosts_file: Path, via_forward: bool) -> None:
     """Map every service hostname to the active environment's address."""
+    from dev_sync.hostsfile import apply_block, read_hosts, write_hosts
+
     config = _load(config_path)
     address = "127.0.0.1" if via_forward else _address_of(config)
     entries = _hosts_entries(config, address)
@@ -746,6 +741,8 @@ def hosts_apply(config_path: Path | None, hosts_file: Path, via_forward: bool) -
 @hosts_file_option
 def hosts_clear(config_path: Path | None, hosts_file: Path) -> None:
     """Remove this project's block from the hosts file."""
+    from dev_sync.hostsfile import read_hosts, remove_block, write_hosts
+
     config = _load(config_path)
     args = ["hosts", "clear", "--config", str(config.source)]
     if hosts_file != DEFAULT_HOSTS:
@@ -765,6 +762,8 @@ def hosts_clear(config_path: Path | None, hosts_file: Path) -> None:
 @hosts_file_option
 def hosts_show(config_path: Path | None, hosts_file: Path) -> None:
     """Show where this project's hostnames point now."""
+    from dev_sync.hostsfile import find_block, read_hosts
+
     config = _load(config_path)
     try:
         entries = find_block(read_hosts(hosts_file), config.local_root.name)

@@ -51,7 +51,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import pathspec
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -67,6 +66,8 @@ from dev_sync import runner
 from dev_sync.ignore import RuleSet, walk_dirs
 
 if TYPE_CHECKING:  # ssh imports config, which imports this module
+    import pathspec
+
     from dev_sync.ssh import SshMaster
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ def _check_glob(pattern: str) -> None:
     if ".." in pattern.lstrip("!").strip("/").split("/"):
         raise ValueError(f"bad glob {pattern!r}: globs are relative to the tree root; no '..'")
     try:
+        import pathspec  # only projects with [[deps.rule]] pay for it
+
         spec = pathspec.GitIgnoreSpec.from_lines([pattern])
     except re.error as exc:  # e.g. a reversed range: [z-a]
         raise ValueError(f"bad glob {pattern!r}: {exc.msg}") from None
@@ -219,6 +222,8 @@ class RuleConfig(_Strict):
 
 @functools.lru_cache(maxsize=64)
 def _spec(globs: tuple[str, ...]) -> pathspec.GitIgnoreSpec:
+    import pathspec
+
     return pathspec.GitIgnoreSpec.from_lines(globs)
 
 
