@@ -422,8 +422,10 @@ def services_install(config_path: Path | None) -> None:
         return changed
 
     changed = _on_remote(config, work)
-    click.echo(f"installed {len(config.services)} service(s) on {config.remote.host}"
-               + (f"; (re)started: {', '.join(sorted(changed))}" if changed else "; unchanged"))
+    names = ", ".join(sorted(config.services))
+    click.echo(f"services on {config.remote.host}: {names}"
+               + (f" (new or changed, so restarted: {', '.join(sorted(changed))})"
+                  if changed else ""))
 
 
 @cli.command()
