@@ -842,14 +842,27 @@ class SupervisorManager(_Adapter):
         return [*self.prefix, *self._ctl("tail", "-f", self.program(name))]
 
     async def shutdown(self) -> None:
+        pidfile = f"{self.paths.base}/supervisor/supervisord.pid"
         result = await self._run(self._ctl("shutdown"))
         text = result.out + result.err
         if result.returncode != 0 and "no such file" not in text and "refused" not in text:
             self._raise_for(result)
             raise DevSyncError(
                 f"supervisord did not shut down: {_last_line(result)}",
-                f"stop it by hand: kill $(cat {self.paths.base}/supervisor/supervisord.pid)",
+                f"stop it by hand: kill $(cat {pidfile})",
             )
+        # `supervisorctl shutdown` returns while supervisord still stops its
+        # programs: done means the daemon is gone, not that it was asked.
+        await self._run(self._script(_WAIT_GONE, pidfile))
+
+
+# $1 = a pid file; waits up to 10 s for its process to exit.
+_WAIT_GONE = r"""
+pid=$(cat -- "$1" 2>/dev/null) || exit 0
+[ -n "$pid" ] || exit 0
+i=0
+while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+"""
 
 
 # --------------------------------------------------------------------------
