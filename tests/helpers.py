@@ -14,6 +14,7 @@ import stat
 import struct
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,30 @@ def wait_until(
             text = f"condition {name} not met within {timeout:g}s"
             raise AssertionError(f"{text}: {detail}" if detail else text)
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------
+# Ports and HTTP
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (on 127.0.0.1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(port: int, timeout: float = 2.0) -> str:
+    """The body served at http://127.0.0.1:PORT/, or "" when nothing answers."""
+    try:
+        with _NO_PROXY.open(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
+            body: bytes = response.read()
+            return body.decode()
+    except OSError:  # URLError, refused, reset and timeouts are all OSErrors
+        return ""
 
 
 # --------------------------------------------------------------------------

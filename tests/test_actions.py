@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 from driver import Session, run_cli
-from helpers import Project, TomlValue, wait_until
+from helpers import Project, TomlValue, free_port, http_get, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -137,24 +135,10 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
-            return str(resp.read().decode())
-    except OSError:
-        return ""
-
-
 @pytest.mark.skipif(shutil.which("supervisord") is None, reason="supervisor is not installed")
 def test_supervisor_service_restarts_on_edit_and_self_reloader_does_not(
         project: Project) -> None:
-    api_port, hot_port = _free_port(), _free_port()
+    api_port, hot_port = free_port(), free_port()
     for name, text in (("api", "v1"), ("hot", "hot-v1")):
         (project.local / name).mkdir()
         (project.local / name / "server.py").write_text(SERVER.format(text=text))
@@ -169,7 +153,7 @@ def test_supervisor_service_restarts_on_edit_and_self_reloader_does_not(
         assert run_cli("up", "--once", "--config", cfg).returncode == 0
         installed = run_cli("services", "install", "--config", cfg)
         assert installed.returncode == 0, installed.stderr
-        wait_until(lambda: _get(api_port) == "v1", timeout=15)
+        wait_until(lambda: http_get(api_port) == "v1", timeout=15)
         listed = run_cli("services", "--json", "--config", cfg)
         assert {s["name"]: s["state"] for s in json.loads(listed.stdout)} == {
             "api": "running", "hot": "running"}
@@ -181,10 +165,10 @@ def test_supervisor_service_restarts_on_edit_and_self_reloader_does_not(
             restarted = s.wait_for("service_restarted", timeout=30)
             assert restarted["name"] == "api" and restarted["ok"]
             assert restarted["cause"] == "api/server.py"
-            wait_until(lambda: _get(api_port) == "v2", timeout=10)
+            wait_until(lambda: http_get(api_port) == "v2", timeout=10)
             # The self-reloading service was synced but not restarted.
             assert (project.remote / "hot" / "server.py").read_text().count("hot-v2")
-            assert _get(hot_port) == "hot-v1"
+            assert http_get(hot_port) == "hot-v1"
             assert [e["name"] for e in s.of_kind("service_restarting")] == ["api"]
             assert s.stop() == 0
 

@@ -20,15 +20,13 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Project, wait_until
+from helpers import Project, free_port, http_get, wait_until
 
 from dev_sync.errors import DevSyncError
 from dev_sync.forwards import (
@@ -107,31 +105,12 @@ async def main() -> None:
 asyncio.run(main())
 """
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _fetch(port: int) -> str:
-    try:
-        with _OPENER.open(f"http://127.0.0.1:{port}/", timeout=2) as response:
-            body: bytes = response.read()
-            return body.decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return ""
-
-
 def _answers(port: int, token: str, timeout: float = 10.0) -> None:
     wait_until(
-        lambda: _fetch(port) == token,
+        lambda: http_get(port) == token,
         timeout=timeout,
         interval=0.05,
-        message=lambda: f"port {port} answers {_fetch(port)!r}, not {token!r}",
+        message=lambda: f"port {port} answers {http_get(port)!r}, not {token!r}",
     )
 
 
@@ -210,7 +189,7 @@ async def web(master: SshMaster, project: Project) -> AsyncIterator[Web]:
     app = project.remote / "app"
     app.mkdir()
     (app / "server.py").write_text(SERVER)
-    port = _free_port()
+    port = free_port()
     token = f"remote-{uuid.uuid4().hex[:8]}"
     command = f"{shlex.quote(sys.executable)} server.py"
     service = ServiceConfig(
@@ -238,7 +217,7 @@ def test_pick_local_port_skips_taken_ports() -> None:
         picked = pick_local_port(port)
         assert picked > port
         assert pick_local_port(picked, taken={picked}) > picked
-    free = _free_port()
+    free = free_port()
     assert pick_local_port(free) == free
     forward = Forward("api", 8000, 8001)
     assert forward.url == "http://127.0.0.1:8001" and forward.moved
@@ -257,9 +236,9 @@ async def test_local_forward_carries_http_and_moves_off_a_taken_port(
     assert forward.moved and forward.local_port > web.port
     try:
         await add_forwards(master, [forward])
-        assert _fetch(forward.local_port) == web.token
+        assert http_get(forward.local_port) == web.token
         await add_forwards(master, [forward])  # again: a no-op, no error
-        assert _fetch(forward.local_port) == web.token
+        assert http_get(forward.local_port) == web.token
 
         # A local port someone else holds: the cause and which forward.
         with socket.socket() as busy:
@@ -271,7 +250,7 @@ async def test_local_forward_carries_http_and_moves_off_a_taken_port(
             assert e.value.forward == taken and e.value.fix
     finally:
         await cancel_forwards(master, [forward])
-    assert _fetch(forward.local_port) == ""
+    assert http_get(forward.local_port) == ""
     await cancel_forwards(master, [forward])  # cancelling twice is no error
 
 
@@ -282,11 +261,11 @@ async def test_forwards_come_back_after_a_reconnect(master: SshMaster, web: Web)
 
     # The connection goes (the forwards with it), a new one comes; adding again restores them.
     await master.close()
-    assert _fetch(forward.local_port) == ""
+    assert http_get(forward.local_port) == ""
     await master.connect()
-    assert _fetch(forward.local_port) == ""
+    assert http_get(forward.local_port) == ""
     await add_forwards(master, [forward])
-    assert _fetch(forward.local_port) == web.token
+    assert http_get(forward.local_port) == web.token
     await cancel_forwards(master, [forward])
 
 
@@ -361,7 +340,7 @@ async def test_intercept_is_undone_on_cancellation_errors_and_a_busy_port(
         # An exception inside the block.
         with pytest.raises(RuntimeError, match="boom"):
             async with Intercept(master, web.manager, "web", web.port, local_port, state):
-                assert _fetch(web.port) == token
+                assert http_get(web.port) == token
                 raise RuntimeError("boom")
         assert not marker_path(state, "web").exists()
         _answers(web.port, web.token)
@@ -420,7 +399,7 @@ async def test_restore_stale_after_the_holder_is_killed(
             holder.wait(10)
             # Its master outlives it and still holds the remote port.
             assert _pid_alive(orphan)
-            assert _fetch(web.port) == token
+            assert http_get(web.port) == token
 
             # The next dev-sync command connects, then restores.
             await master.connect()

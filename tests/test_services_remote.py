@@ -18,17 +18,14 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Project, wait_until
+from helpers import Project, free_port, http_get, wait_until
 
 from dev_sync.config import load_config
 from dev_sync.errors import DevSyncError, UsageError
@@ -82,28 +79,12 @@ def _need(tool: str, path: Path | str | None) -> str:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _fetch(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-            body: bytes = response.read()
-            return body.decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return ""
-
-
 def _serves(port: int, message: str, timeout: float = 10.0) -> None:
     wait_until(
-        lambda: _fetch(port) == message,
+        lambda: http_get(port) == message,
         timeout=timeout,
         interval=0.05,
-        message=lambda: f"port {port} answers {_fetch(port)!r}",
+        message=lambda: f"port {port} answers {http_get(port)!r}",
     )
 
 
@@ -189,7 +170,7 @@ async def test_supervisor_install_restart_and_crash_loop(
 ) -> None:
     supervisord = _need("supervisord (pip install supervisor)", VENV_BIN / "supervisord")
     supervisorctl = _need("supervisorctl (pip install supervisor)", VENV_BIN / "supervisorctl")
-    port = _free_port()
+    port = free_port()
     _write_server(project.remote, "v1")
     services = {"web": _web(port), "crash": CRASH}
     manager = SupervisorManager(
@@ -294,7 +275,7 @@ async def test_pm2_install_restart_status_and_adopt(
     master: SshMaster, project: Project, pm2_home: str
 ) -> None:
     pm2 = _need("pm2 (npm install -g pm2)", shutil.which("pm2"))
-    port = _free_port()
+    port = free_port()
     _write_server(project.remote, "v1")
     services = {
         "web": _web(port, manager="pm2"),
@@ -303,7 +284,7 @@ async def test_pm2_install_restart_status_and_adopt(
     manager = Pm2Manager(master, str(project.remote), "demo", services, pm2=pm2, home=pm2_home)
     try:
         await manager.install()
-        wait_until(lambda: _fetch(port) == "v1", timeout=15, interval=0.05)
+        wait_until(lambda: http_get(port) == "v1", timeout=15, interval=0.05)
         status = (await manager.status(["web"]))["web"]
         assert status.state == "running" and status.pid and status.restarts == 0
 
@@ -355,7 +336,7 @@ async def test_pm2_missing_on_the_remote(master: SshMaster, project: Project) ->
 
 
 async def test_command_manager_start_restart_stop(master: SshMaster, project: Project) -> None:
-    port = _free_port()
+    port = free_port()
     _write_server(project.remote, "v1")
     services = {
         "web": _web(port, manager="command"),
@@ -389,7 +370,7 @@ async def test_command_manager_start_restart_stop(master: SshMaster, project: Pr
         await manager.stop("web")
         stopped = (await manager.status(["web"]))["web"]
         assert stopped.state == "stopped" and stopped.pid is None
-        assert _fetch(port) == ""
+        assert http_get(port) == ""
     finally:
         await manager.shutdown()
     pidfiles = list((project.remote / ".dev-sync" / "run").glob("*.pid"))
@@ -405,7 +386,7 @@ async def test_systemd_user_units(master: SshMaster, project: Project) -> None:
     if probe.returncode != 0:
         why = (probe.err.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
         pytest.skip(f"`systemctl --user` does not work on this machine: {why}")
-    port = _free_port()
+    port = free_port()
     _write_server(project.remote, "v1")
     name = f"t{os.getpid()}"
     manager = SystemdManager(

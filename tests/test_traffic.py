@@ -5,17 +5,15 @@ from __future__ import annotations
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from driver import Session, run_cli
-from helpers import Project, TcpProxy, wait_until
+from helpers import Project, TcpProxy, free_port, http_get, wait_until
 
 SERVER = '''
 import http.server, os
@@ -32,20 +30,6 @@ def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEV_SYNC_STATE_DIR", str(tmp_path / "state"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
-            return str(resp.read().decode())
-    except OSError:
-        return ""
-
-
 @pytest.fixture
 def service(project: Project) -> Iterator[int]:
     """A service named api under the plain command manager on the sandbox remote."""
@@ -58,7 +42,7 @@ def service(project: Project) -> Iterator[int]:
     assert run_cli("up", "--once", "--config", cfg).returncode == 0
     installed = run_cli("services", "install", "--config", cfg)
     assert installed.returncode == 0, installed.stderr
-    wait_until(lambda: get(port) == "remote", timeout=15)
+    wait_until(lambda: http_get(port) == "remote", timeout=15)
     yield port
     pidfile = project.remote / ".dev-sync" / "run" / "api.pid"
     if pidfile.exists():
@@ -113,11 +97,11 @@ def test_forward_picks_the_next_free_port_and_carries_http(project: Project,
         moved = read_until(proc, "is taken, using")
         local = int(moved.split("using ")[1].split()[0])
         read_until(proc, "Ctrl-C to stop")
-        assert get(local) == "remote"
+        assert http_get(local) == "remote"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-    assert get(local) == ""
+    assert http_get(local) == ""
 
 
 def test_up_forward_survives_a_reconnect(project: Project, service: int) -> None:
@@ -131,12 +115,12 @@ def test_up_forward_survives_a_reconnect(project: Project, service: int) -> None
         local = plan_forwards(load_config(project.config).services)[0].local_port
         with Session(project.config, "--forward") as s:
             s.wait_watching()
-            wait_until(lambda: get(local) == "remote", timeout=10)
+            wait_until(lambda: http_get(local) == "remote", timeout=10)
             proxy.cut()
             s.wait_for("offline")
             proxy.restore()
             s.wait_for("connected", timeout=30)
-            wait_until(lambda: get(local) == "remote", timeout=10)
+            wait_until(lambda: http_get(local) == "remote", timeout=10)
             assert s.stop() == 0
 
 
@@ -149,24 +133,24 @@ def test_intercept_routes_remote_traffic_here_and_restores(project: Project,
         try:
             read_until(proc, "now reaches")
             # A request made on the remote side, to the service's port there.
-            assert get(service) == "local"
+            assert http_get(service) == "local"
         finally:
             proc.send_signal(signal.SIGINT)
             out = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0, out
         assert "runs on the remote again" in out
-        wait_until(lambda: get(service) == "remote", timeout=15)
+        wait_until(lambda: http_get(service) == "remote", timeout=15)
 
         # Killed mid-intercept: the next command puts the service back.
         proc = spawn("intercept", "api", "--port", str(laptop.port), "--config", cfg)
         read_until(proc, "now reaches")
-        assert get(service) == "local"
+        assert http_get(service) == "local"
         proc.kill()
         proc.wait(10)
         status = run_cli("services", "--json", "--config", cfg)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "restored api" in status.stderr
-        wait_until(lambda: get(service) == "remote", timeout=15)
+        wait_until(lambda: http_get(service) == "remote", timeout=15)
     finally:
         laptop.close()
 
@@ -182,13 +166,13 @@ def test_intercept_ends_and_restores_when_the_connection_drops(project: Project,
             proc = spawn("intercept", "api", "--port", str(laptop.port),
                          "--config", str(project.config))
             read_until(proc, "now reaches")
-            assert get(service) == "local"
+            assert http_get(service) == "local"
             proxy.cut()
             read_until(proc, "connection lost")
             proxy.restore()
             out = proc.communicate(timeout=60)[0]
             assert proc.returncode == 1, out
             assert "intercept api" in out and "runs on the remote again" in out
-            wait_until(lambda: get(service) == "remote", timeout=15)
+            wait_until(lambda: http_get(service) == "remote", timeout=15)
     finally:
         laptop.close()
