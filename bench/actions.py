@@ -51,14 +51,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (  # bench/ is not a package: run.py is found on sys.path
-    HERE,
-    REPO,
     PlainMaster,
     RemoteObserver,
     Session,
     machine,
     pct,
     process_tree,
+    save_results,
     say,
     write_file,
 )
@@ -797,17 +796,7 @@ async def amain(opts: Options) -> int:
         bench.note(f"failed: {type(exc).__name__}: {exc}")
     finally:
         await bench.teardown()
-    results["anomalies"] = bench.anomalies
-    results["duration_s"] = round(time.monotonic() - t_start, 1)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"actions-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if opts.quick else ''}.json"
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    say(f"results written to {out.relative_to(REPO)} (run took {results['duration_s']:.0f}s)")
-    if bench.anomalies:
-        say("anomalies:")
-        for a in bench.anomalies:
-            say(f"  - {a}")
+    save_results(results, bench.anomalies, t_start, "actions-", opts.quick)
     print(markdown(results))
     return 1 if results.get("errors") else 0
 

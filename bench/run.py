@@ -1442,19 +1442,27 @@ async def amain(opts: Options, trees: Trees) -> int:
         await bench.run()
     finally:
         await bench.teardown()
-    results["anomalies"] = bench.anomalies
-    results["duration_s"] = round(time.monotonic() - T_START, 1)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if opts.quick else ''}.json"
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    say(f"results written to {out.relative_to(REPO)} (run took {results['duration_s']:.0f}s)")
-    if bench.anomalies:
-        say("anomalies:")
-        for a in bench.anomalies:
-            say(f"  - {a}")
+    save_results(results, bench.anomalies, T_START, "", opts.quick)
     print(markdown(results, opts))
     return 1 if results.get("errors") else 0
+
+
+def save_results(
+    results: dict[str, Any], anomalies: list[str], started: float, prefix: str, quick: bool
+) -> None:
+    """Write the raw numbers to bench/results/ and list the anomalies on stderr."""
+    results["anomalies"] = anomalies
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = out_dir / f"{prefix}{stamp}{'-quick' if quick else ''}.json"
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    say(f"results written to {out.relative_to(REPO)} (run took {results['duration_s']:.0f}s)")
+    if anomalies:
+        say("anomalies:")
+        for a in anomalies:
+            say(f"  - {a}")
 
 
 def main(argv: list[str] | None = None) -> int:
