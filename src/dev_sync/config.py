@@ -76,6 +76,8 @@ class RemoteConfig(_Strict):
     connect_timeout: float = Field(default=10.0, gt=0, le=300)
     # The rsync program on the remote (a name on its PATH, or an absolute path).
     rsync_path: str = Field(default="rsync", min_length=1)
+    # The Python that runs the fast-path agent on the remote (3.8 or newer).
+    python: str = Field(default="python3", min_length=1)
     # Where the machine's services answer (for the hosts block); default: host.
     address: str | None = None
 
@@ -105,7 +107,7 @@ class RemoteConfig(_Strict):
             )
         return value
 
-    @field_validator("rsync_path")
+    @field_validator("rsync_path", "python")
     @classmethod
     def _rsync_path(cls, value: str) -> str:
         if value.startswith("-") or any(c.isspace() for c in value):
@@ -135,6 +137,11 @@ class SyncConfig(_Strict):
     # Full reconcile every N seconds when the watcher cannot see everything.
     poll_interval: float = Field(default=30.0, gt=0)
     watcher: Literal["auto", "inotify", "watchfiles"] = "auto"
+    # Send small changes through an agent on the remote (one round trip)
+    # instead of an rsync run each; rsync still does reconciles and big files.
+    agent: bool = True
+    # Files up to this size go through the agent.
+    agent_max_bytes: int = Field(default=1 << 20, ge=0, le=64 << 20)
 
     @field_validator("exclude")
     @classmethod
@@ -328,6 +335,7 @@ path = "{path}"
 # ssh_config = "ssh_config"     # an ssh config file (passed as ssh -F), relative to this file
 # connect_timeout = 10          # seconds
 # rsync_path = "rsync"          # the rsync program on the remote
+# python = "python3"            # runs the fast-path agent on the remote (3.8+)
 
 [sync]
 # Gitignore syntax, added to the rules of every .gitignore in the tree.
@@ -340,6 +348,10 @@ gitignore = true
 # Stop instead of deleting more than this share of the remote tree at once.
 # delete_guard = 0.5
 # delete_guard_min = 50
+# Small changes go through a tiny agent on the remote (one round trip);
+# without python3 there, everything goes through rsync.
+# agent = true
+# agent_max_bytes = 1048576
 """
 
 

@@ -21,10 +21,13 @@ from typing import TypeVar
 
 from dev_sync import remote
 from dev_sync.actions import Actions
+from dev_sync.agent import VERSION, Agent, AgentLost, AgentUnavailable
 from dev_sync.batcher import Batch, Batcher
 from dev_sync.config import Config
 from dev_sync.errors import ConnectionFailed, DevSyncError, SafetyStop
 from dev_sync.events import (
+    AgentReady,
+    ConflictKept,
     Connected,
     Offline,
     Problem,
@@ -36,6 +39,7 @@ from dev_sync.events import (
     Stopped,
     Watching,
 )
+from dev_sync.fastpath import FastPusher
 from dev_sync.forwards import Forward, add_forwards, restore_stale
 from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
@@ -79,6 +83,9 @@ class Engine:
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
+        self.fast = FastPusher(self.pusher, lambda: self.rules, max_bytes=sync.agent_max_bytes)
+        self._agent_task: asyncio.Task[None] | None = None
+        self._agent_off_said = False
         self.state_dir = state_dir
         self.forwards = list(forwards)
         self.actions = Actions(
@@ -153,6 +160,7 @@ class Engine:
         self._tasks.clear()
         if self.watcher is not None:
             self.watcher.close()
+        await self._drop_agent()
         await self.actions.close()
         await self.master.close()
 
@@ -195,6 +203,9 @@ class Engine:
         self._lost.clear()
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
+        if self.config.sync.agent and not self.once:
+            # Starts during the reconcile; it is needed only once that is done.
+            self._agent_task = asyncio.create_task(self._start_agent())
         self.reporter.emit(
             Connected(
                 self.master.target.label,
@@ -282,6 +293,13 @@ class Engine:
             self._on_progress if self._progress else None, fresh=self._fresh_remote
         )
         self._fresh_remote = False
+        if self._agent_task is not None:
+            await self._agent_task
+            self._agent_task = None
+        try:
+            await self.fast.snapshot()
+        except AgentLost as exc:
+            await self._agent_lost(str(exc))
         self.reporter.emit(
             Reconciled(stats.files, stats.size, stats.deleted, stats.total,
                        round(stats.seconds * 1000), reasons)
@@ -296,17 +314,58 @@ class Engine:
         is_dir = (path.is_dir() and not path.is_symlink()) if os.path.lexists(path) else None
         return not self.rules.is_excluded(rel, is_dir)
 
+    async def _start_agent(self) -> None:
+        started = time.monotonic()
+        try:
+            agent = await Agent.start(self.master, self.config.remote.path,
+                                      self.config.remote.python)
+        except AgentUnavailable as exc:
+            if not self._agent_off_said:
+                self._agent_off_said = True
+                self.reporter.emit(Problem(
+                    f"fast path off, every change goes through rsync: {exc}",
+                    "install python3 (3.8 or newer) on the remote or set [remote] python; "
+                    "or set [sync] agent = false",
+                ))
+            return
+        except (AgentLost, OSError, DevSyncError):
+            return  # the connection is going: the master monitor takes over
+        await self.fast.attach(agent)
+        self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
+                                      round((time.monotonic() - started) * 1000)))
+
+    async def _drop_agent(self) -> None:
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._agent_task
+            self._agent_task = None
+        await self.fast.attach(None)
+
+    async def _agent_lost(self, why: str) -> None:
+        """The agent died with the master still up: start another and reconcile."""
+        await self._drop_agent()
+        if not self.master.alive:
+            raise ConnectionLost(why or "the connection closed")
+        self.reporter.emit(Problem(f"the remote agent stopped ({why or 'no reason given'}); "
+                                   "restarting it and reconciling"))
+        self._agent_task = asyncio.create_task(self._start_agent())
+        self.batcher.request_full("agent restarted")
+
     async def _push(self, batch: Batch) -> None:
         changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]
         if not changes:
             return
-        stats = await self.pusher.push(changes)
+        stats = await self.fast.push(changes)
         self.reporter.emit(
             Pushed(len(batch), stats.files, stats.size, stats.deleted,
-                   round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]))
+                   round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]),
+                   stats.via)
         )
         for line in stats.warnings[:5]:
             self.reporter.emit(Problem(line))
+        for path, kept in stats.conflicts:
+            self.reporter.emit(ConflictKept(path, kept))
         self.actions.after_push(changes)
 
     async def _next(self) -> Batch | None:
@@ -323,7 +382,9 @@ class Engine:
                 await self._recover(self.master.last_error() or "connection closed")
                 continue
             if retry_full and not batch.full:
-                self.batcher.requeue(batch)
+                # The reconcile covers this batch's changes too. Requeueing
+                # them instead would retry at once, in a loop, while the
+                # cause (a full disk) lasts: the next change retries.
                 batch = Batch((), full=True, reasons=("retry after an error",))
             retry_full = False
             try:
@@ -331,6 +392,12 @@ class Engine:
                     await self._reconcile(batch.reasons)
                 else:
                     await self._push(batch)
+            except AgentLost as exc:
+                self.batcher.requeue(batch)
+                try:
+                    await self._agent_lost(str(exc))
+                except ConnectionLost as lost:
+                    await self._recover(str(lost))
             except ConnectionLost as exc:
                 self.batcher.requeue(batch)
                 await self._recover(str(exc))
@@ -344,6 +411,7 @@ class Engine:
 
     async def _recover(self, reason: str) -> None:
         """Offline until the remote answers again, then reconcile everything."""
+        await self._drop_agent()
         await self.master.close()
         self._state("offline", reason)
         for attempt in range(1_000_000):

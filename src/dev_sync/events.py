@@ -79,6 +79,24 @@ class Pushed(Event):
     deleted: int
     ms: int
     sample: tuple[str, ...] = ()
+    via: str = "rsync"  # rsync | agent | agent+rsync
+
+
+@dataclass(frozen=True)
+class AgentReady(Event):
+    """The fast path is on: small changes go through the agent on the remote."""
+
+    version: str
+    python: str
+    ms: int
+
+
+@dataclass(frozen=True)
+class ConflictKept(Event):
+    """A file edited on the remote was moved aside before dev-sync overwrote it."""
+
+    path: str
+    kept: str
 
 
 @dataclass(frozen=True)
@@ -249,6 +267,13 @@ class ConsoleReporter:
                     f"[dim]{self._stamp()}[/] [cyan]↑[/] {_count(event.files, 'file')} "
                     f"({_size(event.bytes)}){dele} in {event.ms} ms  [dim]{_escape(what)}[/]"
                 )
+            case AgentReady():
+                c.print(f"[dim]{self._stamp()}[/] fast path on (agent {event.version[:8]}, "
+                        f"python {event.python}, {event.ms} ms)")
+            case ConflictKept():
+                c.print(f"[dim]{self._stamp()}[/] [yellow]conflict[/]: "
+                        f"{_escape(event.path)} was edited on the remote; that version is "
+                        f"kept at {_escape(event.kept)}")
             case Offline():
                 self._end_bar()
                 c.print(
@@ -328,6 +353,8 @@ class StatusReporter:
     last_push: dict[str, Any] | None = None
     pushes: int = 0
     errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
+    fast_path: str | None = None
+    conflicts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
 
     def emit(self, event: Event) -> None:
         match event:
@@ -346,6 +373,10 @@ class StatusReporter:
                                     "fix": event.rerun})
             case Problem() | Offline():
                 self.errors.append({"ts": time.time(), "kind": event.kind, **asdict(event)})
+            case AgentReady():
+                self.fast_path = f"agent {event.version} (python {event.python})"
+            case ConflictKept():
+                self.conflicts.append({"ts": time.time(), **asdict(event)})
             case Stopped():
                 self.state, self.since = "stopped", time.time()
             case _:
@@ -363,6 +394,8 @@ class StatusReporter:
                 "pushes": self.pushes,
                 "last_push": self.last_push,
                 "errors": list(self.errors),
+                "fast_path": self.fast_path,
+                "conflicts": list(self.conflicts),
                 "updated": time.time(),
             }
         )

@@ -53,6 +53,9 @@ class Stats:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     stderr: bytes = b""
+    # (path, where the remote's own edit of it was kept) for each conflict
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
+    via: str = "rsync"      # rsync | agent | agent+rsync
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,234 @@
+"""The local half of the fast path: start the remote agent and talk to it.
+
+The agent (:mod:`dev_sync.remote_agent`) is one standard-library file. It is
+started over the SSH master with a small bootstrap that runs the copy cached
+on the remote when its first line carries this version, and otherwise asks
+for the source on the same stdin, stores it and runs it: no install step, and
+an old agent is replaced the first time a new dev-sync meets it. Requests are
+written without waiting for earlier answers (pipelining); each gets its own
+acknowledgement, matched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from dev_sync import runner
+from dev_sync.remote_agent import ACK, HEADER, HELLO, OUTPUT, REQUEST, decode_meta, frame
+from dev_sync.ssh import SshMaster
+
+CACHE = "~/.cache/dev-sync/agent.py"
+
+# Kept tiny and on one screen: it is sent with every start. It runs the cached
+# agent when the version matches, else receives the source on stdin first.
+BOOT = r"""
+import os,sys
+v,r=sys.argv[1],sys.argv[2]
+p=os.path.expanduser(sys.argv[3])
+h=("# dev-sync agent "+v+"\n").encode()
+try:
+    with open(p,"rb") as f:s=f.read()
+except OSError:
+    s=b""
+if not s.startswith(h):
+    o=sys.stdout.buffer;o.write(b"need\n");o.flush()
+    i=sys.stdin.buffer;n=int(i.readline());s=b""
+    while len(s)<n:
+        c=i.read(n-len(s))
+        if not c:sys.exit(3)
+        s+=c
+    os.makedirs(os.path.dirname(p),exist_ok=True)
+    t="%s.%d"%(p,os.getpid())
+    with open(t,"wb") as f:f.write(s)
+    os.replace(t,p)
+sys.argv=[p,v,r]
+exec(compile(s,p,"exec"),{"__name__":"__main__"})
+""".strip()
+
+
+def _source() -> tuple[str, bytes]:
+    body = resources.files("dev_sync").joinpath("remote_agent.py").read_bytes()
+    body = body.split(b"\n", 1)[1]  # the first line becomes the version header
+    version = hashlib.sha256(body).hexdigest()[:16]
+    return version, f"# dev-sync agent {version}\n".encode() + body
+
+
+VERSION, SOURCE = _source()
+
+
+class AgentLost(Exception):
+    """The agent or its channel went away; the engine restarts it and reconciles."""
+
+
+class AgentUnavailable(Exception):
+    """The remote cannot run the agent (no python3, say): use rsync alone."""
+
+
+@dataclass
+class Reply:
+    ok: bool
+    meta: dict[str, Any]
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+
+    @property
+    def error(self) -> str:
+        return str(self.meta.get("error", ""))
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.meta.get("refused"))
+
+
+class Agent:
+    """One running agent for one remote root."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any]) -> None:
+        self.proc = proc
+        self.hello = hello
+        self._next = 1
+        self._waiting: dict[int, tuple[asyncio.Future[Reply], Reply]] = {}
+        self._reader = asyncio.create_task(self._read())
+        self._stderr = bytearray()
+        self._err_reader = asyncio.create_task(self._read_stderr())
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def start(
+        cls, master: SshMaster, root: str, python: str = "python3", cache: str | None = None
+    ) -> Agent:
+        """Start the agent for ``root``; the cached copy lives at ``cache`` on the remote
+        (``$DEV_SYNC_AGENT_CACHE`` here, else ``~/.cache/dev-sync/agent.py``)."""
+        import os
+        import subprocess
+
+        cache = cache or os.environ.get("DEV_SYNC_AGENT_CACHE") or CACHE
+        argv = master.command([python, "-c", BOOT, VERSION, root, cache])
+        proc = await runner.start(argv, stdin=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            first = await proc.stdout.readexactly(1)
+            if first == b"n":
+                await proc.stdout.readuntil(b"\n")
+                proc.stdin.write(b"%d\n" % len(SOURCE) + SOURCE)
+                await proc.stdin.drain()
+                first = await proc.stdout.readexactly(1)
+            rest = await proc.stdout.readexactly(HEADER.size - 1)
+            kind, _, meta_len, data_len = HEADER.unpack(first + rest)
+            hello = decode_meta(await proc.stdout.readexactly(meta_len))
+            await proc.stdout.readexactly(data_len)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            err = b""
+            with contextlib.suppress(Exception):
+                await runner.terminate(proc, grace=1.0)
+                assert proc.stderr is not None
+                err = await proc.stderr.read()
+            text = err.decode("utf-8", "replace").strip()
+            if proc.returncode in (126, 127) or "not found" in text:
+                raise AgentUnavailable(
+                    f"{python} is not available on the remote ({text or 'exit 127'})"
+                ) from None
+            if proc.returncode == 255:
+                raise AgentLost(text or "the connection closed") from None
+            raise AgentUnavailable(
+                f"the agent did not start: {text or exc!s}"
+            ) from None
+        if kind != HELLO or not hello.get("ok"):
+            await runner.terminate(proc, grace=1.0)
+            raise AgentUnavailable(str(hello.get("error", "unexpected answer from the agent")))
+        return cls(proc, hello)
+
+    # -- requests -----------------------------------------------------------
+
+    def send(self, meta: Mapping[str, Any], data: bytes = b"") -> asyncio.Future[Reply]:
+        """Queue a request; the future resolves with its acknowledgement."""
+        if self.closed.is_set():
+            raise AgentLost(self.why())
+        ident = self._next
+        self._next += 1
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = (future, Reply(False, {}))
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(frame(REQUEST, ident, dict(meta), data))
+        return future
+
+    async def flush(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            await self.proc.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise AgentLost(self.why() or str(exc)) from None
+
+    async def call(self, meta: Mapping[str, Any], data: bytes = b"") -> Reply:
+        future = self.send(meta, data)
+        await self.flush()
+        return await future
+
+    async def exec(
+        self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> runner.Result:
+        """Run a command on the remote through the agent: no new ssh process."""
+        reply = await self.call({"op": "exec", "argv": list(argv), "cwd": cwd,
+                                 "env": dict(env or {})})
+        stderr = bytes(reply.stderr) + str(reply.meta.get("stderr", "")).encode()
+        return runner.Result(tuple(argv), int(reply.meta.get("code", 1)), bytes(reply.stdout),
+                             stderr)
+
+    async def _read(self) -> None:
+        stream = self.proc.stdout
+        assert stream is not None
+        try:
+            while True:
+                head = await stream.readexactly(HEADER.size)
+                kind, ident, meta_len, data_len = HEADER.unpack(head)
+                meta = decode_meta(await stream.readexactly(meta_len))
+                data = await stream.readexactly(data_len) if data_len else b""
+                entry = self._waiting.get(ident)
+                if entry is None:
+                    continue
+                future, reply = entry
+                if kind == OUTPUT:
+                    target = reply.stderr if meta.get("stream") == "stderr" else reply.stdout
+                    target += data
+                elif kind == ACK:
+                    del self._waiting[ident]
+                    reply.ok = bool(meta.get("ok"))
+                    reply.meta = meta
+                    if not future.done():
+                        future.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            self.closed.set()
+            for future, _ in self._waiting.values():
+                if not future.done():
+                    future.set_exception(AgentLost(self.why() or "the agent exited"))
+            self._waiting.clear()
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(4096):
+            self._stderr += chunk
+            del self._stderr[:-4096]
+
+    def why(self) -> str:
+        lines = self._stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.proc.wait(), 2.0)
+        await runner.terminate(self.proc, grace=1.0)
+        for task in (self._reader, self._err_reader):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.closed.set()

@@ -1,0 +1,359 @@
+"""Pushing a batch through the remote agent, with rsync for what does not fit.
+
+An rsync run costs several network round trips before the first byte moves;
+the agent needs one message each way, and the messages of a batch are
+streamed without waiting for each answer. Small files, symlinks, folders and
+file deletions go through the agent; large files, deleted or new folder
+trees and anything the agent turns down (a folder where a file should go, a
+non-empty folder to delete) go through rsync as before. A file or folder
+that reappears under a new name is moved on the remote instead of sent
+again, when the remote still has the old one.
+
+Full reconciles stay with rsync. Afterwards the agent records what every
+synced file looks like, so it can tell when one was edited on the VM and
+keep that version aside before overwriting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import posixpath
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dev_sync.agent import Agent, AgentLost, Reply
+from dev_sync.errors import DevSyncError
+from dev_sync.ignore import RuleSet, walk_dirs
+from dev_sync.pusher import RsyncPusher, Stats
+
+# Below this size a file is just sent: the bytes cost less than a question.
+SEND_ANYWAY = 64 * 1024
+# A new folder is sent through the agent when it is this small.
+SMALL_TREE_ENTRIES = 200
+HASH_MEMORY = 50_000
+
+
+@dataclass(frozen=True)
+class _Op:
+    rel: str
+    kind: str           # write | place | symlink | mkdir | delete | move_dir
+    size: int = 0
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FastPusher:
+    """Sends batches through the agent when there is one, else through rsync."""
+
+    def __init__(
+        self,
+        rsync: RsyncPusher,
+        rules: Callable[[], RuleSet],
+        *,
+        max_bytes: int = 1 << 20,
+    ) -> None:
+        self.rsync = rsync
+        self.rules = rules
+        self.max_bytes = max_bytes
+        self.agent: Agent | None = None
+        # Where the remote holds a given content, as last written by the agent:
+        # a copied file is then copied there instead of sent.
+        self._where: dict[str, str] = {}
+
+    @property
+    def local_root(self) -> Path:
+        return self.rsync.local_root
+
+    async def attach(self, agent: Agent | None) -> None:
+        if self.agent is not None and self.agent is not agent:
+            await self.agent.close()
+        self.agent = agent
+        self._where.clear()
+
+    async def snapshot(self) -> None:
+        """Let the agent record the synced tree as it is right after a reconcile."""
+        if self.agent is None:
+            return
+        dirs = await asyncio.to_thread(lambda: list(walk_dirs(self.rules())))
+        await self.agent.call({"op": "snapshot", "dirs": dirs})
+
+    # -- one batch -----------------------------------------------------------
+
+    async def push(self, changes: Sequence[tuple[str, bool]]) -> Stats:
+        agent = self.agent
+        if agent is None:
+            return await self.rsync.push(changes)
+        started = time.monotonic()
+        stats = Stats(via="agent")
+        wanted: dict[str, bool] = {}
+        for rel, recursive in changes:
+            if rel:
+                wanted[rel] = wanted.get(rel, False) or recursive
+        by_rsync: dict[str, bool] = {}
+        plan = self._plan(wanted, by_rsync)
+        deletions = sum(1 for op, _, _ in plan if op.kind == "delete")
+        if deletions:
+            self.rsync.guard.check(deletions, self.rsync.remote_total)
+        replies = await self._send(agent, plan)
+        failures: list[tuple[str, Reply]] = []
+        retry: list[tuple[_Op, dict[str, object], bytes]] = []
+        moved_dirs: list[str] = []
+        for (op, meta, _data), reply in zip(plan, replies, strict=True):
+            if reply.ok:
+                self._count(op, meta, reply, stats)
+                if op.kind == "move_dir":
+                    moved_dirs.append(op.rel)
+            elif reply.refused:
+                if op.kind == "place":
+                    retry.append(self._write_op(op.rel))
+                elif op.kind == "move_dir":
+                    by_rsync[op.rel] = True
+                    by_rsync[str(meta["from"])] = True
+                else:
+                    # Turned down because of a folder on the remote: rsync
+                    # replaces or clears it (keeping what is excluded).
+                    by_rsync[op.rel] = True
+            else:
+                failures.append((op.rel, reply))
+        retry = [r for r in retry if r[0].kind != "skip"]
+        if retry:
+            for (op, meta, _data), reply in zip(retry, await self._send(agent, retry),
+                                                strict=True):
+                if reply.ok:
+                    self._count(op, meta, reply, stats)
+                elif reply.refused:
+                    by_rsync[op.rel] = True
+                else:
+                    failures.append((op.rel, reply))
+        self.rsync.guard.record(stats.deleted)
+        for rel in moved_dirs:
+            # The moved folder is checked against the local one: cheap when it matched.
+            by_rsync[rel] = True
+        if by_rsync:
+            more = await self.rsync.push(list(by_rsync.items()))
+            stats.files += more.files
+            stats.size += more.size
+            stats.deleted += more.deleted
+            stats.warnings += more.warnings
+            stats.via = "agent+rsync" if plan else "rsync"
+            for recursive in (False, True):
+                paths = [r for r, rec in by_rsync.items() if rec is recursive]
+                if paths:
+                    await agent.call({"op": "restat", "paths": paths, "recursive": recursive})
+        stats.seconds = time.monotonic() - started
+        if failures:
+            raise _failure(failures, self.rsync.master.target.label, self.rsync.remote_root)
+        return stats
+
+    def _count(self, op: _Op, meta: dict[str, object], reply: Reply, stats: Stats) -> None:
+        if op.kind in ("write", "place"):
+            stats.files += 1
+            if op.kind == "write":
+                stats.size += op.size
+            digest = meta.get("hash")
+            if isinstance(digest, str):
+                if len(self._where) >= HASH_MEMORY:
+                    self._where.clear()
+                self._where[digest] = op.rel
+        stats.deleted += int(reply.meta.get("deleted", 0))
+        conflict = reply.meta.get("conflict")
+        if isinstance(conflict, str):
+            stats.conflicts.append((op.rel, conflict))
+
+    async def _send(
+        self, agent: Agent, plan: Sequence[tuple[_Op, dict[str, object], bytes]]
+    ) -> list[Reply]:
+        futures = [agent.send(meta, data) for _op, meta, data in plan]
+        await agent.flush()
+        try:
+            return list(await asyncio.gather(*futures))
+        except AgentLost:
+            for f in futures:
+                if not f.done():
+                    f.cancel()
+                elif not f.cancelled():
+                    f.exception()  # retrieved: the batch is requeued as a whole
+            raise
+
+    # -- planning ------------------------------------------------------------
+
+    def _plan(
+        self, wanted: dict[str, bool], by_rsync: dict[str, bool]
+    ) -> list[tuple[_Op, dict[str, object], bytes]]:
+        root = self.local_root
+        mkdirs: list[tuple[_Op, dict[str, object], bytes]] = []
+        writes: list[tuple[_Op, dict[str, object], bytes]] = []
+        deletes: list[tuple[_Op, dict[str, object], bytes]] = []
+        gone_files: list[str] = []
+        gone_dirs: list[str] = []
+        new_dirs: list[str] = []
+        for rel, recursive in wanted.items():
+            try:
+                st = os.lstat(root / rel)
+            except (FileNotFoundError, NotADirectoryError):
+                parent = posixpath.dirname(rel)
+                if recursive:
+                    gone_dirs.append(rel)
+                elif parent and not os.path.lexists(root / parent):
+                    by_rsync[rel] = False  # rsync names the topmost vanished folder
+                else:
+                    gone_files.append(rel)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if recursive:
+                    new_dirs.append(rel)
+                else:
+                    mkdirs.append(self._mkdir_op(rel, st))
+            elif stat.S_ISLNK(st.st_mode):
+                writes.append((_Op(rel, "symlink"),
+                               {"op": "symlink", "path": rel, "mtime_ns": st.st_mtime_ns},
+                               os.fsencode(os.readlink(root / rel))))
+            elif stat.S_ISREG(st.st_mode) and st.st_size <= self.max_bytes:
+                writes.append(self._file_op(rel, gone_files))
+            elif stat.S_ISREG(st.st_mode):
+                by_rsync[rel] = False
+        moves = self._dir_moves(gone_dirs, new_dirs)
+        for rel in new_dirs:
+            if rel in moves:
+                continue
+            small = self._small_tree(rel)
+            if small is None:
+                by_rsync[rel] = True
+                continue
+            for sub, is_dir in small:
+                if is_dir:
+                    mkdirs.append(self._mkdir_op(sub, os.lstat(root / sub)))
+                else:
+                    sub_st = os.lstat(root / sub)
+                    if stat.S_ISLNK(sub_st.st_mode):
+                        writes.append((_Op(sub, "symlink"),
+                                       {"op": "symlink", "path": sub,
+                                        "mtime_ns": sub_st.st_mtime_ns},
+                                       os.fsencode(os.readlink(root / sub))))
+                    else:
+                        writes.append(self._file_op(sub, gone_files))
+        for rel in gone_dirs:
+            if rel not in moves.values():
+                by_rsync[rel] = True
+        for rel in sorted(gone_files, key=lambda r: -r.count("/")):
+            deletes.append((_Op(rel, "delete"), {"op": "delete", "path": rel}, b""))
+        mkdirs.sort(key=lambda item: item[0].rel.count("/"))
+        dir_moves: list[tuple[_Op, dict[str, object], bytes]] = [
+            (_Op(new, "move_dir"), {"op": "move_dir", "from": old, "path": new}, b"")
+            for new, old in moves.items()
+        ]
+        writes = [w for w in writes if w[0].kind != "skip"]
+        # Folder moves first (files may land inside), files before the deletes
+        # they may be made from.
+        return [*dir_moves, *mkdirs, *writes, *deletes]
+
+    def _mkdir_op(self, rel: str, st: os.stat_result) -> tuple[_Op, dict[str, object], bytes]:
+        return (_Op(rel, "mkdir"),
+                {"op": "mkdir", "path": rel, "mode": stat.S_IMODE(st.st_mode),
+                 "mtime_ns": st.st_mtime_ns}, b"")
+
+    def _write_op(self, rel: str) -> tuple[_Op, dict[str, object], bytes]:
+        path = self.local_root / rel
+        try:
+            with open(path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                data = handle.read(self.max_bytes + 1)
+        except OSError:
+            return (_Op(rel, "skip"), {}, b"")  # gone again: its own event follows
+        if not stat.S_ISREG(st.st_mode) or len(data) > self.max_bytes:
+            return (_Op(rel, "skip"), {}, b"")
+        meta: dict[str, object] = {"op": "write", "path": rel, "mode": stat.S_IMODE(st.st_mode),
+                                   "mtime_ns": st.st_mtime_ns, "hash": _hash(data)}
+        return (_Op(rel, "write", len(data)), meta, data)
+
+    def _file_op(self, rel: str, gone: Sequence[str]) -> tuple[_Op, dict[str, object], bytes]:
+        """A write, or for a larger file a move or copy of content the remote holds."""
+        op, meta, data = self._write_op(rel)
+        if op.kind != "write" or op.size <= SEND_ANYWAY:
+            return op, meta, data
+        digest = str(meta["hash"])
+        base = posixpath.basename(rel)
+        # A rename shows as this file appearing and another vanishing in one batch.
+        sources = [g for g in gone if posixpath.basename(g) == base]
+        sources += [g for g in gone if g not in sources][: 8 - len(sources)]
+        move = bool(sources)
+        if not move:
+            known = self._where.get(digest)
+            if known is None or known == rel:
+                return op, meta, data
+            sources = [known]
+        place: dict[str, object] = {
+            "op": "place", "path": rel, "from": sources, "hash": digest, "size": op.size,
+            "mode": meta["mode"], "mtime_ns": meta["mtime_ns"], "move": move,
+        }
+        return (_Op(rel, "place", op.size), place, b"")
+
+    def _dir_moves(self, gone: list[str], new: list[str]) -> dict[str, str]:
+        """Pair new folders with vanished ones of the same name: {new: old}."""
+        pairs: dict[str, str] = {}
+        if not gone or not new:
+            return pairs
+        for rel in new:
+            same = [g for g in gone if posixpath.basename(g) == posixpath.basename(rel)
+                    and g not in pairs.values()]
+            if len(same) == 1:
+                pairs[rel] = same[0]
+            elif len(gone) == 1 and len(new) == 1:
+                pairs[rel] = gone[0]
+        return pairs
+
+    def _small_tree(self, rel: str) -> list[tuple[str, bool]] | None:
+        """Every synced entry under a new folder, if it is small enough to send here."""
+        rules = self.rules()
+        out: list[tuple[str, bool]] = [(rel, True)]
+        size = 0
+        stack = [rel]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(self.local_root / top) as it:
+                    entries = list(it)
+            except OSError:
+                return None
+            for entry in entries:
+                sub = f"{top}/{entry.name}"
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if rules.is_excluded(sub, is_dir):
+                    continue
+                if is_dir:
+                    stack.append(sub)
+                elif entry.is_file(follow_symlinks=False):
+                    size += entry.stat(follow_symlinks=False).st_size
+                elif not entry.is_symlink():
+                    continue
+                out.append((sub, is_dir))
+                if len(out) > SMALL_TREE_ENTRIES or size > self.max_bytes:
+                    return None
+        return out
+
+
+def _failure(failures: list[tuple[str, Reply]], host: str, root: str) -> DevSyncError:
+    names = ", ".join(f"{rel} ({reply.error})" for rel, reply in failures[:3])
+    more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+    codes = {reply.meta.get("errno") for _, reply in failures}
+    if {"ENOSPC", "EDQUOT"} & codes:
+        return DevSyncError(
+            f"the remote disk holding {root} is full: could not write {names}{more}",
+            f"free space on {host} (see `df -h {root}`), then dev-sync resumes on the next change",
+        )
+    if {"EACCES", "EPERM", "EROFS"} & codes:
+        return DevSyncError(
+            f"the remote refused to write {names}{more}",
+            f"fix the owner or permissions under {root} on {host}; "
+            "dev-sync retries on the next change",
+        )
+    return DevSyncError(f"the remote could not apply {names}{more}",
+                        "dev-sync retries on the next change")
+

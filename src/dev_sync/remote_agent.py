@@ -1,0 +1,471 @@
+# dev-sync agent
+"""The remote half of dev-sync's fast path: one standard-library file.
+
+dev-sync starts it over the SSH master (``python3 -c BOOT``, see
+:mod:`dev_sync.agent`) and talks to it over stdin/stdout in frames, so a
+small change costs one message each way instead of the several round trips
+of an rsync run. It must run on any Python 3.8+ a VM may have: no
+third-party imports, no syntax newer than 3.8.
+
+Frame: a 13-byte header ``>BIII`` (kind, request id, meta length, data
+length), then the meta (JSON) and the data (raw bytes). Paths travel as JSON
+strings with undecodable bytes kept as surrogates, so any file name is data.
+
+Requests are handled in order, and each gets one acknowledgement carrying
+``ok`` or the error for that path. The agent remembers the signature of every
+file dev-sync wrote or saw after a sync (its *record*); a file whose
+signature changed since was edited on the VM, and is moved aside to
+``.dev-sync/conflicts/<time>/<path>`` before it is overwritten or deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Any, BinaryIO, Dict, List, Optional, Tuple
+
+HEADER = struct.Struct(">BIII")
+HELLO, REQUEST, ACK, OUTPUT = 0, 1, 2, 3
+INTERNAL = ".dev-sync"
+TMP_PREFIX = ".~dev-sync."
+
+Signature = Tuple[int, int, int]
+
+
+def encode_meta(meta: Dict[str, Any]) -> bytes:
+    return json.dumps(meta, separators=(",", ":")).encode("ascii", "surrogateescape")
+
+
+def decode_meta(raw: bytes) -> Dict[str, Any]:
+    value = json.loads(raw.decode("ascii", "surrogateescape"))
+    if not isinstance(value, dict):
+        raise ValueError("a frame's meta must be an object")
+    return value
+
+
+def frame(kind: int, ident: int, meta: Dict[str, Any], data: bytes = b"") -> bytes:
+    raw = encode_meta(meta)
+    return HEADER.pack(kind, ident, len(raw), len(data)) + raw + data
+
+
+def read_exact(stream: BinaryIO, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(stream: BinaryIO) -> Tuple[int, int, Dict[str, Any], bytes]:
+    kind, ident, meta_len, data_len = HEADER.unpack(read_exact(stream, HEADER.size))
+    meta = decode_meta(read_exact(stream, meta_len))
+    return kind, ident, meta, read_exact(stream, data_len) if data_len else b""
+
+
+class Refused(Exception):
+    """The change does not fit the fast path: dev-sync sends it with rsync instead."""
+
+
+def signature(st: os.stat_result) -> Signature:
+    # ctime moves on every write, chmod or rename: any edit on the VM shows.
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Agent:
+    def __init__(self, root: str, out: BinaryIO) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.out = out
+        self.lock = threading.Lock()
+        self.record: Dict[str, Signature] = {}
+        self.hashes: Dict[str, str] = {}
+        self.known = False  # a snapshot was taken: unknown files are the VM's own
+        self.stamp = ""
+
+    # -- plumbing ------------------------------------------------------------
+
+    def send(self, kind: int, ident: int, meta: Dict[str, Any], data: bytes = b"") -> None:
+        with self.lock:
+            self.out.write(frame(kind, ident, meta, data))
+            self.out.flush()
+
+    def path(self, rel: str) -> str:
+        """The absolute path for ``rel``, refusing anything that leaves the root."""
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise Refused("not a plain relative path: %r" % rel)
+        if parts[0] in (INTERNAL, ".dev-sync-root"):
+            raise Refused("dev-sync's own files are not synced")
+        current = self.root
+        for part in parts[:-1]:
+            current = os.path.join(current, part)
+            st = _lstat(current)
+            if st is None:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                # Following it could reach outside the root: rsync decides instead.
+                raise Refused("a parent is a symlink on the remote: %r" % current)
+        return os.path.join(self.root, *parts)
+
+    def parents(self, rel: str) -> None:
+        """Make the parent folders exist, never through a symlink (that could lead out)."""
+        current = self.root
+        for part in rel.split("/")[:-1]:
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise Refused("a parent is not a folder on the remote: %r" % current)
+
+    def keep_aside(self, rel: str, full: str, st: Optional[os.stat_result]) -> Optional[str]:
+        """Move a file edited on the VM out of the way; return where it went."""
+        if st is None or stat.S_ISDIR(st.st_mode):
+            return None
+        seen = self.record.get(rel)
+        if seen == signature(st) or (seen is None and not self.known):
+            return None
+        if not self.stamp:
+            self.stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = "/".join((INTERNAL, "conflicts", self.stamp, rel))
+        target = os.path.join(self.root, *aside.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        while os.path.lexists(target):
+            target += "~"
+            aside += "~"
+        os.rename(full, target)
+        self.record.pop(rel, None)
+        return aside
+
+    def remember(self, rel: str, full: str, digest: Optional[str] = None) -> None:
+        st = os.lstat(full)
+        self.record[rel] = signature(st)
+        if digest:
+            self.hashes[rel] = digest
+        else:
+            self.hashes.pop(rel, None)
+
+    # -- operations ----------------------------------------------------------
+
+    def op_write(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        rel = meta["path"]
+        full = self.path(rel)
+        self.parents(rel)
+        st = _lstat(full)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise Refused("a folder on the remote")
+        conflict = self.keep_aside(rel, full, st)
+        tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                os.fchmod(fd, meta["mode"] & 0o7777)
+            finally:
+                os.close(fd)
+            os.utime(tmp, ns=(meta["mtime_ns"], meta["mtime_ns"]))
+            os.rename(tmp, full)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        self.remember(rel, full, meta.get("hash"))
+        return {"conflict": conflict} if conflict else {}
+
+    def op_place(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Make ``path`` from content the remote has: a rename (``move``) or a copy."""
+        rel = meta["path"]
+        full = self.path(rel)
+        want = meta["hash"]
+        source = None
+        for candidate in meta["from"]:
+            try:
+                src = self.path(candidate)
+            except Refused:
+                continue
+            st = _lstat(src)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"]:
+                continue
+            known = self.hashes.get(candidate)
+            if self.record.get(candidate) == signature(st) and known == want:
+                source = (candidate, src)
+                break
+            if file_hash(src) == want:
+                source = (candidate, src)
+                break
+        if source is None:
+            raise Refused("no remote file has that content")
+        self.parents(rel)
+        st = _lstat(full)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise Refused("a folder on the remote")
+        conflict = self.keep_aside(rel, full, st)
+        if meta.get("move"):
+            os.rename(source[1], full)
+            self.record.pop(source[0], None)
+            self.hashes.pop(source[0], None)
+        else:
+            tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+            try:
+                shutil.copyfile(source[1], tmp)
+                os.rename(tmp, full)
+            except BaseException:
+                _unlink(tmp)
+                raise
+        os.chmod(full, meta["mode"] & 0o7777)
+        os.utime(full, ns=(meta["mtime_ns"], meta["mtime_ns"]))
+        self.remember(rel, full, want)
+        reply: Dict[str, Any] = {"from": source[0]}
+        if conflict:
+            reply["conflict"] = conflict
+        return reply
+
+    def op_move_dir(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """A renamed folder: move the remote one; dev-sync then checks it with rsync."""
+        src_rel, rel = meta["from"], meta["path"]
+        src, full = self.path(src_rel), self.path(rel)
+        st = _lstat(src)
+        if st is None or not stat.S_ISDIR(st.st_mode) or os.path.lexists(full):
+            raise Refused("no folder to move, or the destination exists")
+        self.parents(rel)
+        os.rename(src, full)
+        prefix = src_rel + "/"
+        for key in [k for k in self.record if k.startswith(prefix)]:
+            self.record[rel + "/" + key[len(prefix):]] = self.record.pop(key)
+        for key in [k for k in self.hashes if k.startswith(prefix)]:
+            self.hashes[rel + "/" + key[len(prefix):]] = self.hashes.pop(key)
+        return {}
+
+    def op_symlink(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        rel = meta["path"]
+        full = self.path(rel)
+        self.parents(rel)
+        st = _lstat(full)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise Refused("a folder on the remote")
+        conflict = self.keep_aside(rel, full, st)
+        tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+        os.symlink(os.fsdecode(data), tmp)
+        try:
+            os.utime(tmp, ns=(meta["mtime_ns"], meta["mtime_ns"]), follow_symlinks=False)
+            os.rename(tmp, full)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        self.remember(rel, full)
+        return {"conflict": conflict} if conflict else {}
+
+    def op_mkdir(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        rel = meta["path"]
+        full = self.path(rel)
+        self.parents(rel)
+        st = _lstat(full)
+        conflict = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            conflict = self.keep_aside(rel, full, st)
+            if conflict is None:
+                os.unlink(full)
+            st = None
+        if st is None:
+            os.mkdir(full)
+        os.chmod(full, meta["mode"] & 0o7777)
+        if "mtime_ns" in meta:
+            os.utime(full, ns=(meta["mtime_ns"], meta["mtime_ns"]))
+        self.remember(rel, full)
+        return {"conflict": conflict} if conflict else {}
+
+    def op_delete(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        rel = meta["path"]
+        full = self.path(rel)
+        st = _lstat(full)
+        self.hashes.pop(rel, None)
+        if st is None:
+            self.record.pop(rel, None)
+            return {"deleted": 0}
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                os.rmdir(full)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise Refused("a non-empty folder on the remote") from None
+                raise
+            self.record.pop(rel, None)
+            return {"deleted": 1}
+        conflict = self.keep_aside(rel, full, st)
+        if conflict:
+            return {"deleted": 0, "conflict": conflict}
+        os.unlink(full)
+        self.record.pop(rel, None)
+        return {"deleted": 1}
+
+    def op_snapshot(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Record every entry of the synced folders, just after a full sync."""
+        record: Dict[str, Signature] = {}
+        for folder in meta["dirs"]:
+            base = os.path.join(self.root, *folder.split("/")) if folder else self.root
+            prefix = folder + "/" if folder else ""
+            try:
+                with os.scandir(base) as entries:
+                    for entry in entries:
+                        name = prefix + entry.name
+                        if not folder and entry.name in (INTERNAL, ".dev-sync-root"):
+                            continue
+                        try:
+                            record[name] = signature(entry.stat(follow_symlinks=False))
+                        except OSError:
+                            pass
+            except OSError:
+                continue
+        self.record = record
+        self.hashes = {k: v for k, v in self.hashes.items() if k in record}
+        self.known = True
+        return {"entries": len(record)}
+
+    def op_restat(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Take note of what rsync just wrote, so it does not look like a VM edit later."""
+        for rel in meta["paths"]:
+            try:
+                full = self.path(rel)
+            except Refused:
+                continue
+            st = _lstat(full)
+            self.hashes.pop(rel, None)
+            if st is None:
+                self.record.pop(rel, None)
+                continue
+            self.record[rel] = signature(st)
+            if stat.S_ISDIR(st.st_mode) and meta.get("recursive"):
+                for top, dirs, files in os.walk(full):
+                    for name in dirs + files:
+                        path = os.path.join(top, name)
+                        sub = os.path.relpath(path, self.root).replace(os.sep, "/")
+                        st2 = _lstat(path)
+                        if st2 is not None:
+                            self.record[sub] = signature(st2)
+        return {}
+
+    def op_ping(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        touch = meta.get("touch")
+        if touch:
+            path = os.path.expanduser(touch)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab"):
+                pass
+            os.utime(path)
+        return {"time": time.time()}
+
+    def op_exec(self, ident: int, meta: Dict[str, Any]) -> None:
+        """Run a command; its output streams back while other requests go on."""
+        thread = threading.Thread(target=self._exec, args=(ident, meta), daemon=True)
+        thread.start()
+
+    def _exec(self, ident: int, meta: Dict[str, Any]) -> None:
+        try:
+            proc = subprocess.Popen(
+                meta["argv"], cwd=meta.get("cwd") or None, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=dict(os.environ, **meta.get("env", {})),
+            )
+        except OSError as exc:
+            self.send(ACK, ident, {"ok": True, "code": 127,
+                                   "stderr": "%s: %s" % (meta["argv"][0], exc.strerror)})
+            return
+
+        def pump(stream: IO[bytes], name: str) -> None:
+            for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
+                self.send(OUTPUT, ident, {"stream": name}, chunk)
+
+        assert proc.stdout is not None and proc.stderr is not None
+        err = threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)
+        err.start()
+        pump(proc.stdout, "stdout")
+        err.join()
+        self.send(ACK, ident, {"ok": True, "code": proc.wait()})
+
+    # -- loop ----------------------------------------------------------------
+
+    def handle(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
+        op = meta.get("op")
+        if op == "exec":
+            self.op_exec(ident, meta)
+            return
+        method = getattr(self, "op_%s" % op, None)
+        try:
+            if method is None:
+                raise Refused("unknown operation %r" % op)
+            reply = method(meta, data)
+            reply["ok"] = True
+        except Refused as exc:
+            reply = {"ok": False, "refused": True, "error": str(exc)}
+        except OSError as exc:
+            reply = {"ok": False, "errno": errno.errorcode.get(exc.errno or 0, "EIO"),
+                     "error": exc.strerror or str(exc)}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"ok": False, "refused": True, "error": "bad request: %s" % exc}
+        self.send(ACK, ident, reply)
+
+    def serve(self, stream: BinaryIO) -> None:
+        while True:
+            try:
+                kind, ident, meta, data = read_frame(stream)
+            except EOFError:
+                return
+            if kind == REQUEST:
+                self.handle(ident, meta, data)
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def main(argv: List[str]) -> int:
+    version, root = argv[0], argv[1]
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must never corrupt the frames
+    agent = Agent(root, out)
+    if not os.path.isdir(root):
+        agent.send(HELLO, 0, {"ok": False, "error": "the remote root %s is missing" % root})
+        return 1
+    agent.send(HELLO, 0, {"ok": True, "version": version, "pid": os.getpid(),
+                          "python": "%d.%d" % sys.version_info[:2]})
+    agent.serve(sys.stdin.buffer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

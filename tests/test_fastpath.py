@@ -1,0 +1,255 @@
+"""The fast path end to end: a real sshd, a real agent on the remote, real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from driver import Event, Session
+from helpers import Project, ssh_run, wait_in_sync, wait_until
+
+from dev_sync.agent import VERSION
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEV_SYNC_STATE_DIR", str(tmp_path / "state"))
+    # The sandbox logs in as this user: keep the agent's cached copy out of ~.
+    monkeypatch.setenv("DEV_SYNC_AGENT_CACHE", str(tmp_path / "agent-cache" / "agent.py"))
+
+
+def excluded(rel: str) -> bool:
+    parts = rel.split("/")
+    return "node_modules" in parts or ".git" in parts or parts[0] == ".dev-sync"
+
+
+def pushed_via(s: Session, path: str, via: str = "agent", timeout: float = 15) -> Event:
+    return s.wait_for("pushed", lambda e: path in e["sample"] and e["via"] == via,
+                      timeout=timeout)
+
+
+def start(project: Project, *extra: str) -> Session:
+    s = Session(project.config, *extra)
+    s.wait_for("agent_ready", timeout=60)
+    s.wait_watching()
+    return s
+
+
+def test_every_kind_of_change_goes_through_the_agent(project: Project) -> None:
+    local = project.local
+    (local / "src").mkdir()
+    (local / "src" / "a.py").write_text("a = 1\n")
+    (local / "node_modules" / "dep").mkdir(parents=True)
+    (local / "node_modules" / "dep" / "index.js").write_text("local dep")
+    with start(project) as s:
+        wait_in_sync(local, project.remote, ignore=excluded)
+        # The remote installed its own dependencies: they must survive everything below.
+        (project.remote / "node_modules" / "remote-only").mkdir(parents=True)
+        (project.remote / "node_modules" / "remote-only" / "x.js").write_text("remote")
+
+        (local / "src" / "a.py").write_text("a = 2\n")
+        pushed_via(s, "src/a.py")
+        (local / "src" / "b.py").write_text("b\n")
+        (local / "run.sh").write_text("#!/bin/sh\n")
+        (local / "run.sh").chmod(0o755)
+        os.symlink("src/a.py", local / "link")
+        wait_in_sync(local, project.remote, ignore=excluded)
+        os.unlink(local / "link")
+        os.symlink("src/b.py", local / "link")
+        (local / "src" / "a.py").unlink()
+        (local / "deep" / "er").mkdir(parents=True)
+        (local / "deep" / "er" / "f.txt").write_text("filled after mkdir -p")
+        (local / "src" / "b.py").rename(local / "src" / "c.py")
+        wait_in_sync(local, project.remote, ignore=excluded)
+        # A folder renamed, a file replaced by a folder and back.
+        (local / "deep").rename(local / "shallow")
+        (local / "run.sh").unlink()
+        (local / "run.sh").mkdir()
+        (local / "run.sh" / "inside").write_text("now a folder")
+        wait_in_sync(local, project.remote, ignore=excluded)
+        shutil.rmtree(local / "run.sh")
+        (local / "run.sh").write_text("a file again")
+        wait_in_sync(local, project.remote, ignore=excluded)
+        assert (project.remote / "node_modules" / "remote-only" / "x.js").read_text() == "remote"
+        assert [e for e in s.of_kind("pushed") if e["via"] == "agent"]
+        assert not s.of_kind("conflict_kept")
+        assert s.stop() == 0
+    # No temporary file of the agent is ever left behind.
+    assert not [p for p in project.remote.rglob("*") if p.name.startswith(".~dev-sync.")]
+
+
+HOSTILE = ["-e", "--delete", "$(touch pwned)", "`id`", "a b", "new\nline", "back\\slash",
+           "'single'", '"double"', "ünïcødé ☃", "#comment", ";semi", "x" * 200]
+
+
+def test_hostile_names_are_data(project: Project) -> None:
+    with start(project) as s:
+        for name in HOSTILE:
+            (project.local / name).write_text(name)
+        (project.local / "-dir").mkdir()
+        (project.local / "-dir" / "$(rm -rf ~)").write_text("inert")
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        for name in HOSTILE[:4]:
+            (project.local / name).unlink()
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        assert not (project.remote / "pwned").exists() and not Path("pwned").exists()
+        assert any(e["via"] == "agent" for e in s.of_kind("pushed"))
+
+
+def test_big_files_go_through_rsync_and_renames_reuse_remote_content(project: Project) -> None:
+    project.write_config(agent_max_bytes=512 * 1024)
+    payload = os.urandom(300 * 1024)
+    with start(project) as s:
+        (project.local / "big.bin").write_bytes(os.urandom(700 * 1024))
+        pushed_via(s, "big.bin", via="rsync")
+        (project.local / "medium.bin").write_bytes(payload)
+        pushed_via(s, "medium.bin")
+        (project.local / "medium.bin").rename(project.local / "renamed.bin")
+        event = s.wait_for("pushed", lambda e: "renamed.bin" in e["sample"])
+        assert event["via"] == "agent" and event["bytes"] == 0, event  # moved, not sent
+        shutil.copy2(project.local / "renamed.bin", project.local / "copy.bin")
+        event = s.wait_for("pushed", lambda e: "copy.bin" in e["sample"])
+        assert event["bytes"] == 0, event  # copied on the remote
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        assert (project.remote / "copy.bin").read_bytes() == payload
+
+
+def test_a_remote_edit_is_kept_as_a_conflict_copy(project: Project) -> None:
+    (project.local / "config.yml").write_text("local v1\n")
+    (project.local / "gone.txt").write_text("v1\n")
+    with start(project) as s:
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        # Someone edits the file on the VM, over ssh.
+        ssh_run(project.sandbox, ["sh", "-c", 'printf "edited on the VM\\n" > "$1"', "sh",
+                                  str(project.remote / "config.yml")])
+        ssh_run(project.sandbox, ["sh", "-c", 'printf "VM notes\\n" >> "$1"', "sh",
+                                  str(project.remote / "gone.txt")])
+        (project.local / "config.yml").write_text("local v2\n")
+        (project.local / "gone.txt").unlink()
+        first = s.wait_for("conflict_kept", timeout=15)
+        second = s.wait_for("conflict_kept", timeout=15)
+        kept = {e["path"]: project.remote / e["kept"] for e in (first, second)}
+        assert kept["config.yml"].read_text() == "edited on the VM\n"
+        assert kept["gone.txt"].read_text() == "v1\nVM notes\n"
+        assert "/conflicts/" in str(kept["config.yml"])
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        assert (project.remote / "config.yml").read_text() == "local v2\n"
+        status = subprocess.run(
+            [os.sys.executable, "-m", "dev_sync", "status", "--json", "--config",  # type: ignore[attr-defined]
+             str(project.config)], capture_output=True, text=True, check=True)
+        assert "config.yml" in status.stdout and "fast_path" in status.stdout
+
+
+def test_an_old_agent_on_the_remote_is_replaced(project: Project, tmp_path: Path) -> None:
+    cache = tmp_path / "agent-cache" / "agent.py"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("# dev-sync agent 0000000000000000\nraise SystemExit('old agent ran')\n")
+    with start(project) as s:
+        assert s.of_kind("agent_ready")[0]["version"] == VERSION
+        assert cache.read_text().startswith(f"# dev-sync agent {VERSION}\n")
+        (project.local / "f").write_text("x")
+        pushed_via(s, "f")
+    # The next start runs the cached copy without sending it again.
+    with start(project) as s:
+        (project.local / "g").write_text("y")
+        pushed_via(s, "g")
+
+
+def test_without_python_on_the_remote_rsync_does_everything(project: Project) -> None:
+    project.write_config(remote={"python": "python3-not-installed"})
+    with Session(project.config) as s:
+        s.wait_watching()
+        problems = s.of_kind("problem")
+        assert len([p for p in problems if "fast path off" in p["cause"]]) == 1, problems
+        assert "python3" in problems[0]["fix"]
+        (project.local / "f.txt").write_text("still synced")
+        pushed_via(s, "f.txt", via="rsync")
+        assert not s.of_kind("agent_ready")
+
+
+def _agent_pids(project: Project) -> list[int]:
+    """The remote agent's python process (the sandbox remote is this machine)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in args[0] and str(project.remote).encode() in args and b"-c" in args:
+            found.append(int(pid))
+    return found
+
+
+def test_a_killed_agent_is_restarted_and_nothing_is_lost(project: Project) -> None:
+    with start(project) as s:
+        pids = wait_until(lambda: _agent_pids(project), message="no agent process found")
+        for i in range(300):
+            (project.local / f"burst-{i:03}.txt").write_text(str(i) * 100)
+        os.kill(pids[0], signal.SIGKILL)
+        for i in range(300, 400):
+            (project.local / f"burst-{i:03}.txt").write_text(str(i) * 100)
+        s.wait_for("problem", lambda e: "agent stopped" in e["cause"], timeout=30)
+        s.wait_for("agent_ready", timeout=30)
+        wait_in_sync(project.local, project.remote, ignore=excluded, timeout=30)
+        (project.local / "after.txt").write_text("after")
+        pushed_via(s, "after.txt")
+        assert s.stop() == 0
+
+
+def _nsenter(project: Project) -> list[str]:
+    return ["nsenter", "--target", str(project.sandbox.pid), "--mount"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_reported_per_path_and_retried(project: Project) -> None:
+    ns = _nsenter(project)
+    (project.local / "full").mkdir()
+    with start(project) as s:
+        full = project.remote / "full"
+        wait_until(full.is_dir)
+        subprocess.run([*ns, "mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                       check=True)
+        try:
+            (project.local / "full" / "a.bin").write_bytes(os.urandom(400 * 1024))
+            problem = s.wait_for("problem", lambda e: "full" in e["cause"], timeout=30)
+            assert "full/a.bin" in problem["cause"] and "free space" in problem["fix"], problem
+            leftovers = ssh_run(project.sandbox, ["ls", "-A", str(full)]).out.split()
+            assert leftovers == [], leftovers  # nothing half-written
+            # Each later change retries once, not in a loop.
+            (project.local / "other.txt").write_text("other")
+            s.wait_for("problem", lambda e: "full" in e["cause"], timeout=30)
+            assert len(s.of_kind("problem")) < 5, s.of_kind("problem")
+            assert s.proc.poll() is None
+            (project.local / "full" / "a.bin").write_bytes(b"small now")
+            # The small disk is mounted where the remote side sees it: look through ssh.
+            wait_until(lambda: ssh_run(project.sandbox, ["cat", str(full / "a.bin")],
+                                       check=False).out == "small now", timeout=30)
+        finally:
+            subprocess.run([*ns, "umount", "-l", str(full)], check=False)
+        assert s.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_folder_is_reported_per_path(project: Project) -> None:
+    ns = _nsenter(project)
+    (project.local / "ro").mkdir()
+    (project.local / "ro" / "old.txt").write_text("old")
+    with start(project) as s:
+        ro = project.remote / "ro"
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        subprocess.run([*ns, "mount", "--bind", str(ro), str(ro)], check=True)
+        subprocess.run([*ns, "mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        try:
+            (project.local / "ro" / "b.txt").write_text("b")
+            problem = s.wait_for("problem", lambda e: "ro/b.txt" in e["cause"], timeout=30)
+            assert "refused" in problem["cause"] and "permissions" in problem["fix"], problem
+            assert s.proc.poll() is None
+        finally:
+            subprocess.run([*ns, "umount", "-l", str(ro)], check=False)
+        (project.local / "ro" / "c.txt").write_text("c")
+        wait_in_sync(project.local, project.remote, ignore=excluded, timeout=30)
+        assert s.stop() == 0
