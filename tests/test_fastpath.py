@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -12,7 +13,9 @@ import pytest
 from driver import Event, Session
 from helpers import Project, ssh_run, wait_in_sync, wait_until
 
-from dev_sync.agent import VERSION
+from dev_sync.agent import VERSION, Agent, Channel
+from dev_sync.runner import CommandError
+from dev_sync.ssh import SshMaster, Target
 
 
 @pytest.fixture(autouse=True)
@@ -253,3 +256,35 @@ def test_a_read_only_folder_is_reported_per_path(project: Project) -> None:
         (project.local / "ro" / "c.txt").write_text("c")
         wait_in_sync(project.local, project.remote, ignore=excluded, timeout=30)
         assert s.stop() == 0
+
+
+async def test_remote_commands_ride_the_agent(project: Project) -> None:
+    target = Target(project.sandbox.host, None, None, project.sandbox.ssh_config, 10.0)
+    master = SshMaster(target)
+    await master.connect()
+    project.remote.mkdir()
+    try:
+        agent = await Agent.start(master, str(project.remote))
+        channel = Channel(master)
+        parent = ["sh", "-c", 'tr "\\0" " " < /proc/$PPID/cmdline']
+        via_ssh = await channel.run(parent)
+        channel.agent = agent
+        via_agent = await channel.run(parent)
+        assert VERSION in via_agent.out and VERSION not in via_ssh.out
+        assert (await channel.run(["cat"], input=b"piped \x00 data")).stdout == b"piped \x00 data"
+        with pytest.raises(CommandError) as failed:
+            await channel.run(["sh", "-c", "echo oops >&2; exit 3"])
+        assert failed.value.returncode == 3 and "oops" in failed.value.err
+        missing = await channel.run(["no-such-program-here"], check=False)
+        assert missing.returncode == 127 and "no-such-program-here: not found" in missing.err
+        # Commands run side by side on one agent, and files go on meanwhile.
+        slow = asyncio.ensure_future(channel.run(["sh", "-c", "sleep 0.5; echo slow"]))
+        reply = await agent.call({"op": "write", "path": "w.txt", "mode": 0o644,
+                                  "mtime_ns": 0}, b"written")
+        assert reply.ok and not slow.done()
+        assert (await slow).out == "slow\n"
+        await agent.close()
+        # A closed agent: the channel falls back to ssh.
+        assert (await channel.run(["echo", "fallback"])).out == "fallback\n"
+    finally:
+        await master.close()

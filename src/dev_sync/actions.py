@@ -47,11 +47,15 @@ class Actions:
         reporter: Reporter,
         log_path: Path | None = None,
         state_dir: Path | None = None,
+        remote: services.Remote | None = None,
     ) -> None:
         self.config = config
         self.root = config.local_root
         self.remote_root = config.remote.path
         self.master = master
+        # Short commands (records, restarts, status): through the agent when
+        # there is one. Installs stream over their own ssh channel.
+        self.remote: services.Remote = remote or master
         self.rules = rules
         self.reporter = reporter
         self.log_path = log_path
@@ -85,7 +89,7 @@ class Actions:
             return
         found = await asyncio.to_thread(deps.lock_files, self.rules(), self.config.deps)
         try:
-            self._record = await deps.read_record(self.master, self.remote_root)
+            self._record = await deps.read_record(self.remote, self.remote_root)
         except CommandError:
             return  # the connection went: the next reconcile comes back here
         self._submit(found)
@@ -122,7 +126,7 @@ class Actions:
     def managers(self) -> dict[services.ManagerName, services.ProcessManager]:
         if self._managers is None:
             self._managers = services.managers_for(
-                self.master, self.remote_root, self.root.name, self.config.services
+                self.remote, self.remote_root, self.root.name, self.config.services
             )
         return self._managers
 
@@ -213,7 +217,7 @@ class Actions:
                 record = dict(self._record or {})
                 record.update(hashes)
                 with contextlib.suppress(CommandError):
-                    await deps.write_record(self.master, self.remote_root, record)
+                    await deps.write_record(self.remote, self.remote_root, record)
                     self._record = record
         ms = round(result.duration * 1000)
         ssh_args = ["-F", str(self.config.ssh_config_path)] if self.config.ssh_config_path else []

@@ -170,15 +170,11 @@ class Agent:
         await self.flush()
         return await future
 
-    async def exec(
-        self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None
-    ) -> runner.Result:
+    async def exec(self, argv: Sequence[str], *, input: bytes | None = None) -> runner.Result:
         """Run a command on the remote through the agent: no new ssh process."""
-        reply = await self.call({"op": "exec", "argv": list(argv), "cwd": cwd,
-                                 "env": dict(env or {})})
-        stderr = bytes(reply.stderr) + str(reply.meta.get("stderr", "")).encode()
+        reply = await self.call({"op": "exec", "argv": list(argv)}, input or b"")
         return runner.Result(tuple(argv), int(reply.meta.get("code", 1)), bytes(reply.stdout),
-                             stderr)
+                             bytes(reply.stderr))
 
     async def _read(self) -> None:
         stream = self.proc.stdout
@@ -232,3 +228,29 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.closed.set()
+
+
+class Channel:
+    """Remote commands for installs' records, restarts and status checks.
+
+    Through the agent while one runs (no ssh process and no login shell per
+    command), else one ssh client per command over the master, as before.
+    Either way the command is an argument list, never a shell string.
+    """
+
+    def __init__(self, master: SshMaster) -> None:
+        self.master = master
+        self.agent: Agent | None = None
+
+    async def run(
+        self, remote_argv: Sequence[str], *, check: bool = True, input: bytes | None = None
+    ) -> runner.Result:
+        agent = self.agent
+        if agent is not None and not agent.closed.is_set():
+            with contextlib.suppress(AgentLost):
+                result = await agent.exec(remote_argv, input=input)
+                if check and result.returncode != 0:
+                    raise runner.CommandError(result.argv, result.returncode, result.stdout,
+                                              result.stderr)
+                return result
+        return await self.master.run(remote_argv, check=check, input=input)

@@ -68,6 +68,7 @@ from dev_sync.ignore import RuleSet, walk_dirs
 if TYPE_CHECKING:  # ssh imports config, which imports this module
     import pathspec
 
+    from dev_sync.services import Remote
     from dev_sync.ssh import SshMaster
 
 log = logging.getLogger(__name__)
@@ -730,7 +731,7 @@ rm -f -- "$t"; exit 1
 """
 
 
-async def read_record(master: SshMaster, root: str) -> dict[str, str]:
+async def read_record(master: Remote, root: str) -> dict[str, str]:
     """The remote record: lock file (root-relative) -> sha256 of what was installed.
 
     A missing or corrupt record reads as empty (everything is stale, so it
@@ -751,7 +752,7 @@ async def read_record(master: SshMaster, root: str) -> dict[str, str]:
     }
 
 
-async def write_record(master: SshMaster, root: str, record: Mapping[str, str]) -> None:
+async def write_record(master: Remote, root: str, record: Mapping[str, str]) -> None:
     """Replace the remote record atomically; raises :class:`runner.CommandError` on failure."""
     body = json.dumps({"version": 1, "files": dict(sorted(record.items()))}, indent=1)
     await master.run(["sh", "-c", _WRITE, "dev-sync-record", root], input=body.encode() + b"\n")

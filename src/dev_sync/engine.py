@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from dev_sync import remote
 from dev_sync.actions import Actions
-from dev_sync.agent import VERSION, Agent, AgentLost, AgentUnavailable
+from dev_sync.agent import VERSION, Agent, AgentLost, AgentUnavailable, Channel
 from dev_sync.batcher import Batch, Batcher
 from dev_sync.config import Config
 from dev_sync.errors import ConnectionFailed, DevSyncError, SafetyStop
@@ -49,6 +49,7 @@ from dev_sync.watcher import Watcher, make_watcher
 T = TypeVar("T")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
+HEARTBEAT_S = 30.0
 
 
 class Engine:
@@ -85,12 +86,16 @@ class Engine:
         )
         self.fast = FastPusher(self.pusher, lambda: self.rules, max_bytes=sync.agent_max_bytes)
         self._agent_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._agent_off = False
         self._agent_off_said = False
+        self._agent_restarts: list[float] = []
         self.state_dir = state_dir
         self.forwards = list(forwards)
+        self.channel = Channel(self.master)
         self.actions = Actions(
             config, self.master, lambda: self.rules, reporter,
-            state_dir / "actions.log" if state_dir else None, state_dir,
+            state_dir / "actions.log" if state_dir else None, state_dir, self.channel,
         )
         self.watcher: Watcher | None = None
         self._stop = asyncio.Event()
@@ -203,7 +208,7 @@ class Engine:
         self._lost.clear()
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
-        if self.config.sync.agent and not self.once:
+        if self.config.sync.agent and not self.once and not self._agent_off:
             # Starts during the reconcile; it is needed only once that is done.
             self._agent_task = asyncio.create_task(self._start_agent())
         self.reporter.emit(
@@ -293,13 +298,11 @@ class Engine:
             self._on_progress if self._progress else None, fresh=self._fresh_remote
         )
         self._fresh_remote = False
-        if self._agent_task is not None:
-            await self._agent_task
-            self._agent_task = None
+        await self._ensure_agent()
         try:
             await self.fast.snapshot()
-        except AgentLost as exc:
-            await self._agent_lost(str(exc))
+        except AgentLost:
+            self.batcher.request_full("the remote agent stopped")
         self.reporter.emit(
             Reconciled(stats.files, stats.size, stats.deleted, stats.total,
                        round(stats.seconds * 1000), reasons)
@@ -320,6 +323,7 @@ class Engine:
             agent = await Agent.start(self.master, self.config.remote.path,
                                       self.config.remote.python)
         except AgentUnavailable as exc:
+            self._agent_off = True
             if not self._agent_off_said:
                 self._agent_off_said = True
                 self.reporter.emit(Problem(
@@ -331,26 +335,59 @@ class Engine:
         except (AgentLost, OSError, DevSyncError):
             return  # the connection is going: the master monitor takes over
         await self.fast.attach(agent)
+        self.channel.agent = agent
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(agent))
         self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
                                       round((time.monotonic() - started) * 1000)))
 
     async def _drop_agent(self) -> None:
-        if self._agent_task is not None:
-            self._agent_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._agent_task
-            self._agent_task = None
+        for task in (self._agent_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._agent_task = self._heartbeat_task = None
+        self.channel.agent = None
         await self.fast.attach(None)
 
-    async def _agent_lost(self, why: str) -> None:
-        """The agent died with the master still up: start another and reconcile."""
-        await self._drop_agent()
-        if not self.master.alive:
-            raise ConnectionLost(why or "the connection closed")
-        self.reporter.emit(Problem(f"the remote agent stopped ({why or 'no reason given'}); "
-                                   "restarting it and reconciling"))
-        self._agent_task = asyncio.create_task(self._start_agent())
-        self.batcher.request_full("agent restarted")
+    async def _ensure_agent(self) -> None:
+        """After a reconcile: the agent is up, or restarted if it died (within reason)."""
+        if not self.config.sync.agent or self.once or self._agent_off:
+            return
+        if self._agent_task is not None:
+            await self._agent_task
+            self._agent_task = None
+        agent = self.fast.agent
+        if agent is not None and not agent.closed.is_set():
+            return
+        if agent is not None:
+            why = agent.why() or "no reason given"
+            await self._drop_agent()
+            if not self.master.alive:
+                raise ConnectionLost(why)
+            now = time.monotonic()
+            self._agent_restarts = [t for t in self._agent_restarts if now - t < 300]
+            self._agent_restarts.append(now)
+            if len(self._agent_restarts) > 3:
+                self._agent_off = True
+                self.reporter.emit(Problem(
+                    f"fast path off: the remote agent keeps stopping ({why}); "
+                    "every change goes through rsync",
+                    "see the remote's logs (out of memory?), or set [sync] agent = false",
+                ))
+                return
+            self.reporter.emit(Problem(f"the remote agent stopped ({why}); restarted it "
+                                       "and reconciled"))
+        await self._start_agent()
+
+    async def _heartbeat(self, agent: Agent) -> None:
+        """A sign of life both ways: the agent notices we are here, we notice if it is gone."""
+        try:
+            while True:
+                await asyncio.sleep(HEARTBEAT_S)
+                await asyncio.wait_for(agent.call({"op": "ping"}), HEARTBEAT_S)
+        except (AgentLost, TimeoutError):
+            self.batcher.request_full("the remote agent stopped")
 
     async def _push(self, batch: Batch) -> None:
         changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]
@@ -392,12 +429,11 @@ class Engine:
                     await self._reconcile(batch.reasons)
                 else:
                     await self._push(batch)
-            except AgentLost as exc:
+            except AgentLost:
+                # Part of the batch may have landed: a reconcile settles it,
+                # and restarts the agent (or finds the connection gone).
                 self.batcher.requeue(batch)
-                try:
-                    await self._agent_lost(str(exc))
-                except ConnectionLost as lost:
-                    await self._recover(str(lost))
+                self.batcher.request_full("the remote agent stopped")
             except ConnectionLost as exc:
                 self.batcher.requeue(batch)
                 await self._recover(str(exc))

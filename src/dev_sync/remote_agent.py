@@ -377,22 +377,38 @@ class Agent:
             os.utime(path)
         return {"time": time.time()}
 
-    def op_exec(self, ident: int, meta: Dict[str, Any]) -> None:
+    def op_exec(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
         """Run a command; its output streams back while other requests go on."""
-        thread = threading.Thread(target=self._exec, args=(ident, meta), daemon=True)
+        thread = threading.Thread(target=self._exec, args=(ident, meta, data), daemon=True)
         thread.start()
 
-    def _exec(self, ident: int, meta: Dict[str, Any]) -> None:
+    def _exec(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
+        argv = meta["argv"]
         try:
             proc = subprocess.Popen(
-                meta["argv"], cwd=meta.get("cwd") or None, stdin=subprocess.DEVNULL,
+                argv, cwd=meta.get("cwd") or None,
+                stdin=subprocess.PIPE if data else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=dict(os.environ, **meta.get("env", {})),
             )
         except OSError as exc:
-            self.send(ACK, ident, {"ok": True, "code": 127,
-                                   "stderr": "%s: %s" % (meta["argv"][0], exc.strerror)})
+            # Worded as a shell would, so callers read it the same either way.
+            reason = "not found" if exc.errno == errno.ENOENT else exc.strerror
+            self.send(OUTPUT, ident, {"stream": "stderr"},
+                      ("%s: %s\n" % (argv[0] if argv else "", reason)).encode())
+            self.send(ACK, ident, {"ok": True, "code": 127 if exc.errno == errno.ENOENT
+                                   else 126})
             return
+        if data:
+            def feed() -> None:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(data)
+                    proc.stdin.close()
+                except OSError:
+                    pass
+
+            threading.Thread(target=feed, daemon=True).start()
 
         def pump(stream: IO[bytes], name: str) -> None:
             for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
@@ -410,7 +426,7 @@ class Agent:
     def handle(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
         op = meta.get("op")
         if op == "exec":
-            self.op_exec(ident, meta)
+            self.op_exec(ident, meta, data)
             return
         method = getattr(self, "op_%s" % op, None)
         try:
