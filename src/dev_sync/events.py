@@ -263,9 +263,10 @@ class ConsoleReporter:
             case Pushed():
                 what = ", ".join(event.sample[:3]) + ("…" if event.paths > 3 else "")
                 dele = f", deleted {event.deleted}" if event.deleted else ""
+                via = "" if event.via == "rsync" else f" via {event.via}"
                 c.print(
                     f"[dim]{self._stamp()}[/] [cyan]↑[/] {_count(event.files, 'file')} "
-                    f"({_size(event.bytes)}){dele} in {event.ms} ms  [dim]{_escape(what)}[/]"
+                    f"({_size(event.bytes)}){dele} in {event.ms} ms{via}  [dim]{_escape(what)}[/]"
                 )
             case AgentReady():
                 c.print(f"[dim]{self._stamp()}[/] fast path on (agent {event.version[:8]}, "
