@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any
 
 from dev_sync import runner
+from dev_sync.errors import AgentLost, AgentUnavailable
 from dev_sync.remote_agent import ACK, HEADER, HELLO, OUTPUT, REQUEST, decode_meta, frame
 from dev_sync.ssh import SshMaster
 
@@ -61,13 +62,7 @@ def _source() -> tuple[str, bytes]:
 
 VERSION, SOURCE = _source()
 
-
-class AgentLost(Exception):
-    """The agent or its channel went away; the engine restarts it and reconciles."""
-
-
-class AgentUnavailable(Exception):
-    """The remote cannot run the agent (no python3, say): use rsync alone."""
+__all__ = ["VERSION", "Agent", "AgentLost", "AgentUnavailable", "Channel", "Reply"]
 
 
 @dataclass

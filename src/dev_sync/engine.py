@@ -17,14 +17,19 @@ import signal
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from dev_sync import remote
 from dev_sync.actions import Actions
-from dev_sync.agent import VERSION, Agent, AgentLost, AgentUnavailable, Channel
 from dev_sync.batcher import Batch, Batcher
 from dev_sync.config import Config
-from dev_sync.errors import ConnectionFailed, DevSyncError, SafetyStop
+from dev_sync.errors import (
+    AgentLost,
+    AgentUnavailable,
+    ConnectionFailed,
+    DevSyncError,
+    SafetyStop,
+)
 from dev_sync.events import (
     AgentReady,
     ConflictKept,
@@ -39,12 +44,15 @@ from dev_sync.events import (
     Stopped,
     Watching,
 )
-from dev_sync.fastpath import FastPusher
 from dev_sync.forwards import Forward, add_forwards, restore_stale
 from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
 from dev_sync.ssh import SshMaster, Target
 from dev_sync.watcher import Watcher, make_watcher
+
+if TYPE_CHECKING:
+    from dev_sync.agent import Agent, Channel
+    from dev_sync.fastpath import FastPusher
 
 T = TypeVar("T")
 
@@ -84,7 +92,16 @@ class Engine:
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
-        self.fast = FastPusher(self.pusher, lambda: self.rules, max_bytes=sync.agent_max_bytes)
+        # The fast path (and its modules) only for a watching session.
+        self.fast: FastPusher | None = None
+        self.channel: Channel | None = None
+        if sync.agent and not once:
+            from dev_sync.agent import Channel
+            from dev_sync.fastpath import FastPusher
+
+            self.fast = FastPusher(self.pusher, lambda: self.rules,
+                                   max_bytes=sync.agent_max_bytes)
+            self.channel = Channel(self.master)
         self._agent_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._agent_off = False
@@ -92,7 +109,6 @@ class Engine:
         self._agent_restarts: list[float] = []
         self.state_dir = state_dir
         self.forwards = list(forwards)
-        self.channel = Channel(self.master)
         self.actions = Actions(
             config, self.master, lambda: self.rules, reporter,
             state_dir / "actions.log" if state_dir else None, state_dir, self.channel,
@@ -208,7 +224,7 @@ class Engine:
         self._lost.clear()
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
-        if self.config.sync.agent and not self.once and not self._agent_off:
+        if self.fast is not None and not self._agent_off:
             # Starts during the reconcile; it is needed only once that is done.
             self._agent_task = asyncio.create_task(self._start_agent())
         self.reporter.emit(
@@ -300,7 +316,8 @@ class Engine:
         self._fresh_remote = False
         await self._ensure_agent()
         try:
-            await self.fast.snapshot()
+            if self.fast is not None:
+                await self.fast.snapshot()
         except AgentLost:
             self.batcher.request_full("the remote agent stopped")
         self.reporter.emit(
@@ -318,6 +335,9 @@ class Engine:
         return not self.rules.is_excluded(rel, is_dir)
 
     async def _start_agent(self) -> None:
+        from dev_sync.agent import VERSION, Agent
+
+        assert self.fast is not None and self.channel is not None
         started = time.monotonic()
         try:
             agent = await Agent.start(self.master, self.config.remote.path,
@@ -347,12 +367,14 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._agent_task = self._heartbeat_task = None
-        self.channel.agent = None
-        await self.fast.attach(None)
+        if self.channel is not None:
+            self.channel.agent = None
+        if self.fast is not None:
+            await self.fast.attach(None)
 
     async def _ensure_agent(self) -> None:
         """After a reconcile: the agent is up, or restarted if it died (within reason)."""
-        if not self.config.sync.agent or self.once or self._agent_off:
+        if self.fast is None or self._agent_off:
             return
         if self._agent_task is not None:
             await self._agent_task
@@ -393,7 +415,7 @@ class Engine:
         changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]
         if not changes:
             return
-        stats = await self.fast.push(changes)
+        stats = await (self.fast or self.pusher).push(changes)
         self.reporter.emit(
             Pushed(len(batch), stats.files, stats.size, stats.deleted,
                    round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]),

@@ -49,3 +49,11 @@ class ConnectionFailed(DevSyncError):
 
 class SafetyStop(DevSyncError):
     """dev-sync refused to do something that could lose data."""
+
+
+class AgentLost(Exception):
+    """The remote agent or its channel went away; a reconcile restarts it."""
+
+
+class AgentUnavailable(Exception):
+    """The remote cannot run the agent (no python3, say): rsync does everything."""
