@@ -255,8 +255,9 @@ def test_watch_deleting_a_directory_keeps_remote_node_modules(project: Project) 
         (project.remote / "svc" / "node_modules" / "dep").mkdir(parents=True)
         (project.remote / "svc" / "node_modules" / "dep" / "i.js").write_text("installed")
         subprocess.run(["rm", "-rf", str(svc)], check=True)
-        wait_until(lambda: not (project.remote / "svc" / "lib").exists(), timeout=10)
-        assert not (project.remote / "svc" / "index.js").exists()
+        # rm -rf may reach dev-sync as more than one batch: wait for all of it.
+        wait_until(lambda: not (project.remote / "svc" / "lib").exists()
+                   and not (project.remote / "svc" / "index.js").exists(), timeout=10)
         assert (project.remote / "svc" / "node_modules" / "dep" / "i.js").read_text() == "installed"
         assert s.stop() == 0
 
