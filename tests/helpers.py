@@ -30,6 +30,9 @@ T = TypeVar("T")
 REMOTE_MARKER = ".dev-sync-root"
 """The file dev-sync writes at the remote root; absent from the local tree."""
 
+REMOTE_STATE = ".dev-sync"
+"""dev-sync's own folder in the remote root (records, conflict copies); never synced."""
+
 PROXY_HOST = "dev-sync-sandbox-proxy"
 """Host alias written by :func:`proxy_ssh_config`."""
 
@@ -189,11 +192,12 @@ def wait_in_sync(
 
     The sandbox "remote" is on this machine, so the remote tree can be read
     directly. ``ignore`` applies to both sides; the remote marker file is
-    always left out of the remote side.
+    always left out of the remote side, and so is dev-sync's own ``.dev-sync/`` folder.
     """
 
     def remote_ignore(rel: str) -> bool:
-        return rel == REMOTE_MARKER or (ignore is not None and ignore(rel))
+        internal = rel == REMOTE_MARKER or rel.split("/")[0] == REMOTE_STATE
+        return internal or (ignore is not None and ignore(rel))
 
     state: dict[str, list[str]] = {"diff": []}
 

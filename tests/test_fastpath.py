@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from driver import Event, Session
+from driver import Event, Session, json_events
 from helpers import Project, ssh_run, wait_in_sync, wait_until
 
 from dev_sync.agent import VERSION, Agent, Channel
@@ -288,3 +288,38 @@ async def test_remote_commands_ride_the_agent(project: Project) -> None:
         assert (await channel.run(["echo", "fallback"])).out == "fallback\n"
     finally:
         await master.close()
+
+
+def test_edits_made_on_the_vm_while_dev_sync_was_away_are_kept(project: Project) -> None:
+    project.write_config(exclude=["*.log"])
+    (project.local / "app.py").write_text("v1\n")
+    (project.local / "notes.md").write_text("n1\n")
+    (project.local / "server.log").write_text("local log\n")
+    with start(project) as s:
+        wait_in_sync(project.local, project.remote, ignore=lambda r: excluded(r) or
+                     r.endswith(".log"))
+        assert s.stop() == 0
+    # While dev-sync is stopped: edits on the VM, a log the VM writes (excluded), a local edit.
+    remote = project.remote
+    ssh_run(project.sandbox, ["sh", "-c", 'printf "vm edit\\n" > "$1"; printf "vm log\\n" > "$2"',
+                              "sh", str(remote / "app.py"), str(remote / "server.log")])
+    (project.local / "notes.md").write_text("n2\n")
+    # --once reconciles too, and keeps the VM's edit first.
+    result = subprocess.run([os.sys.executable, "-m", "dev_sync", "up", "--once", "--json",  # type: ignore[attr-defined]
+                             "--config", str(project.config)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    kept = [e for e in json_events(result.stdout) if e["event"] == "conflict_kept"]
+    assert [e["path"] for e in kept] == ["app.py"], result.stdout
+    assert (remote / kept[0]["kept"]).read_text() == "vm edit\n"
+    assert (remote / "app.py").read_text() == "v1\n"
+    assert (remote / "notes.md").read_text() == "n2\n"
+    assert (remote / "server.log").read_text() == "vm log\n"  # excluded: never touched
+    # And in a watching session: nothing new to keep, nothing kept twice.
+    ssh_run(project.sandbox, ["sh", "-c", 'printf "again\\n" >> "$1"', "sh",
+                              str(remote / "notes.md")])
+    with start(project) as s:  # the reconcile, and so the keeping, is done by then
+        assert [e["path"] for e in s.of_kind("conflict_kept")] == ["notes.md"]
+        wait_in_sync(project.local, project.remote, ignore=lambda r: excluded(r) or
+                     r.endswith(".log"))
+        assert len(s.of_kind("conflict_kept")) == 1

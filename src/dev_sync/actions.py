@@ -73,6 +73,11 @@ class Actions:
         self.settle = 3.0
         self._managers: dict[services.ManagerName, services.ProcessManager] | None = None
 
+    def use_remote(self, remote: services.Remote) -> None:
+        """Send short commands through ``remote`` from now on (before any are sent)."""
+        self.remote = remote
+        self._managers = None
+
     @property
     def enabled(self) -> bool:
         return self.config.deps.enabled

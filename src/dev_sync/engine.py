@@ -92,16 +92,9 @@ class Engine:
             lambda: self.rules.rsync_filter_rules(),
             DeleteGuard(sync.delete_guard, sync.delete_guard_min, allow_delete),
         )
-        # The fast path (and its modules) only for a watching session.
+        # The fast path (and its modules) only when it is used: see _connect.
         self.fast: FastPusher | None = None
         self.channel: Channel | None = None
-        if sync.agent and not once:
-            from dev_sync.agent import Channel
-            from dev_sync.fastpath import FastPusher
-
-            self.fast = FastPusher(self.pusher, lambda: self.rules,
-                                   max_bytes=sync.agent_max_bytes)
-            self.channel = Channel(self.master)
         self._agent_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._agent_off = False
@@ -214,6 +207,11 @@ class Engine:
             rsync=self.config.remote.rsync_path,
         )
         self._fresh_remote = info.created and info.state in ("missing", "empty")
+        # A watching session uses the agent for pushes; any session uses it to
+        # keep VM edits aside before a reconcile, unless the folder is brand new.
+        use_agent = not self.once or not self._fresh_remote
+        if self.config.sync.agent and use_agent and not self._agent_off:
+            self._setup_fast()
         if self.config.services and self.state_dir is not None:
             for name in await restore_stale(self.master, self.actions.managers(), self.state_dir):
                 self.reporter.emit(Problem(f"restored {name} on the remote: an intercept "
@@ -225,7 +223,7 @@ class Engine:
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._monitor_master()))
         if self.fast is not None and not self._agent_off:
-            # Starts during the reconcile; it is needed only once that is done.
+            # Starts while the rest of the session gets ready.
             self._agent_task = asyncio.create_task(self._start_agent())
         self.reporter.emit(
             Connected(
@@ -310,6 +308,8 @@ class Engine:
             if self.watcher is not None:
                 self.watcher.set_rules(self.rules)
         self._state("reconciling", ", ".join(r for r in reasons if r != "start"))
+        if not self._fresh_remote:
+            await self._keep_remote_edits()
         stats = await self.pusher.reconcile(
             self._on_progress if self._progress else None, fresh=self._fresh_remote
         )
@@ -333,6 +333,30 @@ class Engine:
         path = self.root / rel
         is_dir = (path.is_dir() and not path.is_symlink()) if os.path.lexists(path) else None
         return not self.rules.is_excluded(rel, is_dir)
+
+    def _setup_fast(self) -> None:
+        if self.fast is not None:
+            return
+        from dev_sync.agent import Channel
+        from dev_sync.fastpath import FastPusher
+
+        self.fast = FastPusher(self.pusher, lambda: self.rules,
+                               max_bytes=self.config.sync.agent_max_bytes)
+        self.channel = Channel(self.master)
+        self.actions.use_remote(self.channel)
+
+    async def _keep_remote_edits(self) -> None:
+        """rsync would overwrite files edited on the VM since the agent last saw them:
+        have the agent move those aside first."""
+        await self._ensure_agent()
+        if self.fast is None or self.fast.agent is None:
+            return
+        try:
+            kept = await self.fast.protect()
+        except AgentLost:
+            return  # the reconcile restarts it; this round goes unguarded
+        for path, aside in kept:
+            self.reporter.emit(ConflictKept(path, aside))
 
     async def _start_agent(self) -> None:
         from dev_sync.agent import VERSION, Agent

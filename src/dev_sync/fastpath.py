@@ -81,8 +81,22 @@ class FastPusher:
         """Let the agent record the synced tree as it is right after a reconcile."""
         if self.agent is None:
             return
-        dirs = await asyncio.to_thread(lambda: list(walk_dirs(self.rules())))
-        await self.agent.call({"op": "snapshot", "dirs": dirs})
+        entries = await asyncio.to_thread(synced_entries, self.rules())
+        await self.agent.call({"op": "snapshot", "entries": entries})
+
+    async def protect(self) -> list[tuple[str, str]]:
+        """Before a reconcile: keep aside the synced files edited on the VM since the
+        agent last recorded them (while dev-sync was stopped or offline, say)."""
+        if self.agent is None:
+            return []
+        changed = (await self.agent.call({"op": "changed"})).meta.get("paths", [])
+        rules = self.rules()
+        # Only what the rules sync: excluded files on the VM are never touched.
+        keep = [p for p in changed if isinstance(p, str) and not rules.is_excluded(p, False)]
+        if not keep:
+            return []
+        reply = await self.agent.call({"op": "keep", "paths": keep})
+        return [(str(rel), str(aside)) for rel, aside in reply.meta.get("kept", [])]
 
     # -- one batch -----------------------------------------------------------
 
@@ -357,3 +371,23 @@ def _failure(failures: list[tuple[str, Reply]], host: str, root: str) -> DevSync
     return DevSyncError(f"the remote could not apply {names}{more}",
                         "dev-sync retries on the next change")
 
+
+
+def synced_entries(rules: RuleSet) -> list[str]:
+    """Every path the rules sync (folders, files, symlinks), root-relative."""
+    out: list[str] = []
+    root = rules.root
+    for folder in walk_dirs(rules):
+        if folder:
+            out.append(folder)
+        try:
+            with os.scandir(root / folder if folder else root) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        continue  # walk_dirs yields the synced ones
+                    rel = f"{folder}/{entry.name}" if folder else entry.name
+                    if not rules.is_excluded_child(rel, False):
+                        out.append(rel)
+        except OSError:
+            continue
+    return out

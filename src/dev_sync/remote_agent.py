@@ -100,6 +100,8 @@ class Agent:
         self.hashes: Dict[str, str] = {}
         self.known = False  # a snapshot was taken: unknown files are the VM's own
         self.stamp = ""
+        self.dirty = False
+        self.record_path = os.path.join(self.root, INTERNAL, "record.json")
 
     # -- plumbing ------------------------------------------------------------
 
@@ -156,10 +158,12 @@ class Agent:
             aside += "~"
         os.rename(full, target)
         self.record.pop(rel, None)
+        self.dirty = True
         return aside
 
     def remember(self, rel: str, full: str, digest: Optional[str] = None) -> None:
         st = os.lstat(full)
+        self.dirty = True
         self.record[rel] = signature(st)
         if digest:
             self.hashes[rel] = digest
@@ -253,6 +257,7 @@ class Agent:
         self.parents(rel)
         os.rename(src, full)
         prefix = src_rel + "/"
+        self.dirty = True
         for key in [k for k in self.record if k.startswith(prefix)]:
             self.record[rel + "/" + key[len(prefix):]] = self.record.pop(key)
         for key in [k for k in self.hashes if k.startswith(prefix)]:
@@ -302,6 +307,7 @@ class Agent:
         full = self.path(rel)
         st = _lstat(full)
         self.hashes.pop(rel, None)
+        self.dirty = True
         if st is None:
             self.record.pop(rel, None)
             return {"deleted": 0}
@@ -322,27 +328,48 @@ class Agent:
         return {"deleted": 1}
 
     def op_snapshot(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
-        """Record every entry of the synced folders, just after a full sync."""
+        """Record every synced entry (dev-sync lists them) just after a full sync."""
         record: Dict[str, Signature] = {}
-        for folder in meta["dirs"]:
-            base = os.path.join(self.root, *folder.split("/")) if folder else self.root
-            prefix = folder + "/" if folder else ""
+        for rel in meta["entries"]:
             try:
-                with os.scandir(base) as entries:
-                    for entry in entries:
-                        name = prefix + entry.name
-                        if not folder and entry.name in (INTERNAL, ".dev-sync-root"):
-                            continue
-                        try:
-                            record[name] = signature(entry.stat(follow_symlinks=False))
-                        except OSError:
-                            pass
-            except OSError:
+                st = _lstat(self.path(rel))
+            except Refused:
                 continue
+            if st is not None:
+                record[rel] = signature(st)
         self.record = record
         self.hashes = {k: v for k, v in self.hashes.items() if k in record}
         self.known = True
+        self.dirty = True
         return {"entries": len(record)}
+
+    def op_changed(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Synced files that changed on the VM since dev-sync last wrote or saw them.
+
+        Asked before a reconcile, which would overwrite them; dev-sync picks the
+        ones its rules sync and has them kept aside (``keep``).
+        """
+        changed = []
+        for rel, seen in list(self.record.items()):
+            st = _lstat(os.path.join(self.root, *rel.split("/")))
+            if st is None or stat.S_ISDIR(st.st_mode) or signature(st) == seen:
+                continue
+            changed.append(rel)
+            if len(changed) >= meta.get("limit", 10000):
+                break
+        return {"paths": changed}
+
+    def op_keep(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        kept = []
+        for rel in meta["paths"]:
+            try:
+                full = self.path(rel)
+            except Refused:
+                continue
+            aside = self.keep_aside(rel, full, _lstat(full))
+            if aside:
+                kept.append([rel, aside])
+        return {"kept": kept}
 
     def op_restat(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Take note of what rsync just wrote, so it does not look like a VM edit later."""
@@ -353,6 +380,7 @@ class Agent:
                 continue
             st = _lstat(full)
             self.hashes.pop(rel, None)
+            self.dirty = True
             if st is None:
                 self.record.pop(rel, None)
                 continue
@@ -421,6 +449,39 @@ class Agent:
         err.join()
         self.send(ACK, ident, {"ok": True, "code": proc.wait()})
 
+    # -- the record on disk ----------------------------------------------------
+    # Kept in the remote root so the next session (after a reconnect, or the
+    # next day) can tell what changed on the VM while dev-sync was away.
+
+    def load(self) -> None:
+        try:
+            with open(self.record_path, "rb") as handle:
+                data = json.loads(handle.read().decode("ascii", "surrogateescape"))
+            entries = data["entries"]
+            self.record = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in entries.items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            self.record = {}
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
+        entries = dict(self.record.items())  # one C-level copy: safe beside the main thread
+        body = encode_meta({"version": 1, "entries": entries})
+        tmp = "%s.%d" % (self.record_path, os.getpid())
+        try:
+            os.makedirs(os.path.dirname(self.record_path), exist_ok=True)
+            with open(tmp, "wb") as handle:
+                handle.write(body)
+            os.replace(tmp, self.record_path)
+        except OSError:
+            self.dirty = True  # a full disk, say: try again later
+            _unlink(tmp)
+
+    def saver(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self.save()
+
     # -- loop ----------------------------------------------------------------
 
     def handle(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
@@ -477,9 +538,17 @@ def main(argv: List[str]) -> int:
     if not os.path.isdir(root):
         agent.send(HELLO, 0, {"ok": False, "error": "the remote root %s is missing" % root})
         return 1
+    agent.load()
     agent.send(HELLO, 0, {"ok": True, "version": version, "pid": os.getpid(),
-                          "python": "%d.%d" % sys.version_info[:2]})
-    agent.serve(sys.stdin.buffer)
+                          "python": "%d.%d" % sys.version_info[:2],
+                          "record": len(agent.record)})
+    stop = threading.Event()
+    threading.Thread(target=agent.saver, args=(stop,), daemon=True).start()
+    try:
+        agent.serve(sys.stdin.buffer)
+    finally:
+        stop.set()
+        agent.save()
     return 0
 
 
