@@ -49,6 +49,7 @@ from dev_sync.services import (
     ProcessManager,
     RestartOutcome,
     ServiceStatus,
+    install_all,
     managers_for,
     restart_and_check,
 )
@@ -416,16 +417,45 @@ def services_install(config_path: Path | None) -> None:
         )
 
     async def work(master: SshMaster) -> list[str]:
-        changed: list[str] = []
-        for manager in _managers(config, master).values():
-            changed += await manager.install()
-        return changed
+        return await install_all(master, config.remote.path, config.local_root.name,
+                                 config.services)
 
     changed = _on_remote(config, work)
     names = ", ".join(sorted(config.services))
     click.echo(f"services on {config.remote.host}: {names}"
                + (f" (new or changed, so restarted: {', '.join(sorted(changed))})"
                   if changed else ""))
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+@click.option("--adopt", is_flag=True, help="Take over a non-empty remote root.")
+def provision(config_path: Path | None, as_json: bool, adopt: bool) -> None:
+    """Bootstrap the VM: packages, first sync, [provision] steps, installs, services.
+
+    Safe to run again: what is already done is reported as unchanged.
+    """
+    from dev_sync.provision import Provisioner
+
+    config = _load(config_path)
+    files = SessionFiles(config.source, config.env)
+    busy = active_intercepts(files.dir)
+    if busy and config.services:
+        raise UsageError(
+            f"{', '.join(sorted(busy))} is intercepted: its traffic goes to this machine",
+            "end the intercept (Ctrl-C in its terminal) and run this again",
+        )
+    if not files.acquire():
+        raise DevSyncError(
+            f"a dev-sync session for {config.source} is running (pid {files.running_pid()})",
+            "stop it with `dev-sync stop` (or Ctrl-C), then provision",
+        )
+    reporter: Reporter = JsonReporter() if as_json else ConsoleReporter()
+    try:
+        asyncio.run(Provisioner(config, reporter, state_dir=files.dir, adopt=adopt).run())
+    finally:
+        files.release()
 
 
 @cli.command()
