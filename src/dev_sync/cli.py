@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -32,7 +32,6 @@ from dev_sync.config import (
     Config,
     load_config,
     parse_config,
-    starter_text,
 )
 from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
 from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
@@ -55,6 +54,9 @@ from dev_sync.services import (
 )
 from dev_sync.ssh import SshMaster, Target
 from dev_sync.state import SessionFiles
+
+if TYPE_CHECKING:
+    from dev_sync.detect import Detection
 
 T = TypeVar("T")
 
@@ -96,19 +98,83 @@ def cli() -> None:
 
 @cli.command()
 @config_option
-@click.option("--host", default="devbox", show_default=True, help="ssh destination.")
-@click.option("--path", "remote_path", default=None, help="Remote root (absolute).")
+@click.option("--host", default=None, help="ssh destination (default: asked, or devbox).")
+@click.option("--path", "remote_path", default=None,
+              help="Remote root, absolute (default: asked, or /srv/<folder name>).")
+@click.option("--yes", "-y", is_flag=True, help="Accept every proposal; ask nothing.")
+@click.option("--no-detect", is_flag=True, help="Look at nothing: write the plain starter.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(config_path: Path | None, host: str, remote_path: str | None, force: bool) -> None:
-    """Write a commented starter dev-sync.toml."""
-    target = config_path or Path.cwd() / CONFIG_NAME
+def init(config_path: Path | None, host: str | None, remote_path: str | None, yes: bool,
+         no_detect: bool, force: bool) -> None:
+    """Write a commented dev-sync.toml, with what the project needs found in its tree.
+
+    Lock files become [deps], Procfile entries and package.json dev/start/serve
+    scripts become [services], a script/bootstrap becomes [provision]. On a
+    terminal each proposal is asked about; with --yes, or when stdin is not a
+    terminal (scripts, CI), every proposal is accepted and nothing is asked.
+    """
+    from dev_sync.config import check_host, check_remote_root
+    from dev_sync.detect import Detection, detect, render, unfold
+
+    target = (config_path or Path.cwd() / CONFIG_NAME).absolute()
     if target.exists() and not force:
         raise UsageError(f"{target} already exists", "edit it, or pass --force to overwrite it")
-    path = remote_path or f"/srv/{Path.cwd().resolve().name or 'app'}"
-    text = starter_text(host, path)
-    parse_config(tomllib.loads(text), target)  # the starter must itself be valid
+    root = target.parent
+    found = Detection() if no_detect else detect(root, ["*.log"])
+    ask = not yes and sys.stdin.isatty()
+    _show_found(root, found)
+
+    def valid(check: Callable[[str], str]) -> Callable[[str], str]:
+        def proc(value: str) -> str:
+            try:
+                return check(value.strip())
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        return proc
+
+    default_path = f"/srv/{root.name or 'app'}"
+    if ask:
+        host = host or click.prompt("ssh destination of the VM (Host alias or user@address)",
+                                    default="devbox", value_proc=valid(check_host))
+        remote_path = remote_path or click.prompt("project folder on the VM",
+                                                  default=default_path,
+                                                  value_proc=valid(check_remote_root))
+        keep_deps = [d.name for d in found.deps
+                     if click.confirm(f"Run {d.describe()}?", default=True)]
+        keep_services = [s.name for s in found.services
+                         if click.confirm(f"Add {s.describe()}?", default=True)]
+        keep_bootstrap = bool(found.bootstrap) and click.confirm(
+            f"Run {found.bootstrap} in `dev-sync provision`?", default=True)
+    else:
+        keep_deps = [d.name for d in found.deps]
+        keep_services = [s.name for s in found.services]
+        keep_bootstrap = True
+        if not yes and not found.empty:
+            click.echo("not a terminal: every proposal is accepted "
+                       "(--no-detect leaves them out)")
+    accepted, declined = unfold(found, keep_deps, keep_services, keep_bootstrap)
+    text = render(host or "devbox", remote_path or default_path, accepted, declined)
+    parse_config(tomllib.loads(text), target)  # what is written must load
     target.write_text(text)
-    click.echo(f"wrote {target}; edit [remote] and run `dev-sync up`")
+    click.echo(f"wrote {target}; check [remote], then run `dev-sync provision` on a new VM "
+               "or `dev-sync up`")
+
+
+def _show_found(root: Path, found: Detection) -> None:
+    from dev_sync.detect import comment_text
+
+    if found.empty and not found.notes:
+        return
+    click.echo(f"found in {root}:")
+    for d in found.deps:
+        click.echo(f"  [deps]      {d.name}: {comment_text(', '.join(d.files))}")
+    for s in found.services:
+        click.echo(f"  [services]  {s.name}: {comment_text(s.command)} "
+                   f"(in {comment_text(s.cwd)}, from {comment_text(s.source)})")
+    if found.bootstrap:
+        click.echo(f"  [provision] script {found.bootstrap}")
+    for note in found.notes:
+        click.echo(f"  note: {comment_text(note)}")
 
 
 @cli.command()

@@ -62,6 +62,15 @@ def check_remote_root(path: str) -> str:
     return norm
 
 
+def check_host(value: str) -> str:
+    """An ssh destination ssh cannot read as an option, or raise ValueError saying why."""
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise ValueError(
+            f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
+        )
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -100,11 +109,7 @@ class RemoteConfig(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        if value.startswith("-") or any(c.isspace() for c in value):
-            raise ValueError(
-                f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
-            )
-        return value
+        return check_host(value)
 
     @field_validator("rsync_path")
     @classmethod
