@@ -303,7 +303,7 @@ _PROVISION_EXAMPLE = """\
 # [[provision.steps]]
 # name = "database"
 # run = ["createdb", "app"]              # an argument list; or shell = "..." for a shell line
-# unless = ["psql", "-d", "app", "-c", ""]   # skip it when this succeeds (or creates = "path")
+# unless = ["psql", "-d", "app", "-c", "select 1"]  # skip when this succeeds, or: creates = "path"
 """
 
 

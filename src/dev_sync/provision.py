@@ -53,6 +53,7 @@ from dev_sync.events import (
     Reconciled,
     Reporter,
     ServicesInstalled,
+    Stopped,
 )
 
 if TYPE_CHECKING:  # config imports this module for [provision]
@@ -173,7 +174,7 @@ class ProvisionConfig(_Strict):
     [[provision.steps]]
     name = "database"
     shell = "createdb app || true"
-    unless = ["psql", "-lqt", "-d", "app"]
+    unless = ["psql", "-d", "app", "-c", "select 1"]
     ```
     """
 
@@ -412,10 +413,10 @@ def parse_probe(out: str) -> PackageProbe:
             missing.append(value)
         else:
             values[key] = value.strip()
-    pm = values.get("pm")
-    manager: PackageManager | None = pm if pm in ("apt", "dnf", "yum", "apk") else None  # type: ignore[assignment]
-    return PackageProbe(manager, values.get("uid") == "0", values.get("sudo") == "1",
-                        tuple(missing))
+    managers: dict[str, PackageManager] = {"apt": "apt", "dnf": "dnf", "yum": "yum",
+                                           "apk": "apk"}
+    return PackageProbe(managers.get(values.get("pm", "")), values.get("uid") == "0",
+                        values.get("sudo") == "1", tuple(missing))
 
 
 def package_commands(probe: PackageProbe) -> list[list[str]]:
@@ -465,9 +466,12 @@ class _Tally:
     sent: int = 0
     deleted: int = 0
     installs: list[str] = field(default_factory=list)
+    stopped: bool = False
 
     def emit(self, event: Event) -> None:
         match event:
+            case Stopped():
+                self.stopped = True
             case Reconciled():
                 self.sent += event.files
                 self.deleted += event.deleted
@@ -596,7 +600,18 @@ class Provisioner:
         quiet = self.config.model_copy(update={"deps": DepsConfig(enabled=False)})
         engine = Engine(quiet, self.tally, once=True, adopt=self.adopt, progress=False,
                         state_dir=self.state_dir)
-        await engine.run()
+        try:
+            await engine.run()
+        except DevSyncError as exc:
+            if exc.cause.startswith("rsync is not installed") and (
+                "rsync" not in self.config.provision.packages
+            ):
+                raise DevSyncError(exc.cause, 'add "rsync" to [provision] packages, so '
+                                   "provision installs it before the first sync") from None
+            raise
+        if self.tally.stopped:
+            # The engine takes Ctrl-C as a clean stop; here it must stop everything.
+            raise KeyboardInterrupt
 
     # -- 3-5. steps, installs, services -------------------------------------------------
 
