@@ -300,6 +300,7 @@ def test_failing_step_stops_with_exit_1_tail_and_rerun(project: Project, tmp_pat
     steps: list[dict[str, Any]] = [
         {"name": "before", "shell": f"echo ran >> {counts}/before"},
         {"name": "boom", "shell": "echo some context; echo the real cause >&2; exit 7"},
+        {"name": "boom-argv", "run": ["sh", "-c", "echo argv cause; exit 5"]},
         {"name": "after", "shell": f"echo ran >> {counts}/after"},
     ]
     project.write_config(sections={"provision": {"steps": steps}})
@@ -319,12 +320,24 @@ def test_failing_step_stops_with_exit_1_tail_and_rerun(project: Project, tmp_pat
     record = json.loads((project.remote / ".dev-sync" / "provision.json").read_text())
     assert set(record["steps"]) == {"before"}
 
-    # Fixed: the finished step stays done, the rest runs.
+    # Fixed: the finished step stays done, the rest runs (up to the next failure).
     steps[1] = {"name": "boom", "shell": "echo fixed"}
     project.write_config(sections={"provision": {"steps": steps}})
     proc, events = _provision(project)
+    assert proc.returncode == 1
+    assert _statuses(events) == {"before": "unchanged", "boom": "ok", "boom-argv": "failed"}
+    failed = next(e for e in events if e.get("status") == "failed")
+    # An argument list reads as one: "cd ROOT && sh -c '...'", not wrapped in another sh -c.
+    assert shlex.split(failed["rerun"])[-1].endswith("&& sh -c 'echo argv cause; exit 5'")
+    by_hand = runner.run(shlex.split(failed["rerun"]), check=False, timeout=30)
+    assert by_hand.returncode == 5 and "argv cause" in by_hand.out
+
+    steps[2] = {"name": "boom-argv", "run": ["true"]}
+    project.write_config(sections={"provision": {"steps": steps}})
+    proc, events = _provision(project)
     assert proc.returncode == 0, proc.stderr
-    assert _statuses(events) == {"before": "unchanged", "boom": "ok", "after": "ok"}
+    assert _statuses(events) == {"before": "unchanged", "boom": "unchanged", "boom-argv": "ok",
+                                 "after": "ok"}
     assert _count(counts / "before") == 1 and _count(counts / "after") == 1
 
 

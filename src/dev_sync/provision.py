@@ -668,8 +668,17 @@ class Provisioner:
         outcome = await deps.stream(master, argv, self._line(step.name))
         if outcome.returncode != 0:
             where = posixpath.join(self.root, step.cwd) if step.cwd else self.root
-            hint = deps.rerun_command(self.config.remote.host, where, step.command, step.args,
-                                      ssh_args=self._ssh_args())
+            if step.command == _EXEC_ARGS:  # an argument list: shown as one, not as sh -c
+                import shlex
+
+                from dev_sync.runner import remote_command
+
+                remote = f"cd {shlex.quote(where)} && {remote_command(step.args)}"
+                hint = shlex.join(["ssh", "-t", *self._ssh_args(), self.config.remote.host,
+                                   remote])
+            else:
+                hint = deps.rerun_command(self.config.remote.host, where, step.command,
+                                          step.args, ssh_args=self._ssh_args())
             self._fail(step.name, outcome.returncode, started, outcome.tail, hint)
         self._status(step.name, "ok", step.display, started=started)
 
