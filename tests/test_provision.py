@@ -254,6 +254,9 @@ def test_provision_twice_changes_nothing_the_second_time(project: Project,
         record = json.loads((project.remote / ".dev-sync" / "provision.json").read_text())
         assert set(record["steps"]) == {"argv", "reads-tree", "makes-flag", "already"}
         wait_until(lambda: _count(counts / "service") == 1, timeout=10)
+        listed = run_cli("services", "--json", "--config", str(project.config))
+        assert [(s["name"], s["state"]) for s in json.loads(listed.stdout)] == [
+            ("idle", "running")], listed.stderr
 
         second, events = _provision(project)
         assert second.returncode == 0, second.stderr
