@@ -207,7 +207,7 @@ def _first(events: list[dict[str, Any]], kind: str, **match: object) -> int:
 def _config(project: Project, counts: Path, steps: list[dict[str, Any]]) -> None:
     # What a step creates in the remote root must be excluded from the sync,
     # or the next reconcile deletes it as a file the local tree does not have.
-    project.write_config(exclude=["/made.flag", "/generated.txt"], sections={
+    project.write_config(exclude=["/made.flag", "generated.txt"], sections={
         "provision": {"packages": ["rsync", "openssh-client"], "steps": steps},
         "deps": {"rule": [{"name": "gen", "globs": ["gen.lock"],
                            "command": f"cp gen.lock generated.txt; echo ran >> {counts}/gen"}]},
@@ -222,6 +222,8 @@ def test_provision_twice_changes_nothing_the_second_time(project: Project,
     counts.mkdir()
     (project.local / "app.txt").write_text("hello from the tree\n")
     (project.local / "gen.lock").write_text("v1\n")
+    (project.local / "sub").mkdir()
+    (project.local / "sub" / "gen.lock").write_text("sub v1\n")
     steps: list[dict[str, Any]] = [
         {"name": "argv", "run": ["sh", "-c", 'echo ran >> "$1"; echo "argv says $2"', "sh",
                                  str(counts / "argv"), "$(not expanded)"]},
@@ -249,8 +251,10 @@ def test_provision_twice_changes_nothing_the_second_time(project: Project,
         assert order == sorted(order)
         done = events[-1]
         assert done["event"] == "provisioned" and done["changed"] is True
-        assert done["installs"] == ["gen at the root"] and done["sent"] >= 2
+        # Every folder with a lock file gets its install, in that folder.
+        assert done["installs"] == ["gen at the root", "gen in sub"] and done["sent"] >= 3
         assert (project.remote / "generated.txt").read_text() == "v1\n"
+        assert (project.remote / "sub" / "generated.txt").read_text() == "sub v1\n"
         record = json.loads((project.remote / ".dev-sync" / "provision.json").read_text())
         assert set(record["steps"]) == {"argv", "reads-tree", "makes-flag", "already"}
         wait_until(lambda: _count(counts / "service") == 1, timeout=10)
@@ -270,7 +274,7 @@ def test_provision_twice_changes_nothing_the_second_time(project: Project,
         assert done["services_changed"] == []
         assert {name: _count(counts / name) for name in
                 ("argv", "shell", "flag", "already", "gen", "service")} == {
-            "argv": 1, "shell": 1, "flag": 1, "already": 0, "gen": 1, "service": 1}
+            "argv": 1, "shell": 1, "flag": 1, "already": 0, "gen": 2, "service": 1}
 
         # The human report of a no-op run says so.
         text = run_cli("provision", "--config", str(project.config), timeout=180)
