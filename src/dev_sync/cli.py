@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -32,7 +32,6 @@ from dev_sync.config import (
     Config,
     load_config,
     parse_config,
-    starter_text,
 )
 from dev_sync.errors import EXIT_INTERRUPTED, EXIT_USAGE, DevSyncError, UsageError
 from dev_sync.events import ConsoleReporter, Fanout, JsonReporter, Reporter, StatusReporter
@@ -49,11 +48,15 @@ from dev_sync.services import (
     ProcessManager,
     RestartOutcome,
     ServiceStatus,
+    install_all,
     managers_for,
     restart_and_check,
 )
 from dev_sync.ssh import SshMaster, Target
 from dev_sync.state import SessionFiles
+
+if TYPE_CHECKING:
+    from dev_sync.detect import Detection
 
 T = TypeVar("T")
 
@@ -95,19 +98,83 @@ def cli() -> None:
 
 @cli.command()
 @config_option
-@click.option("--host", default="devbox", show_default=True, help="ssh destination.")
-@click.option("--path", "remote_path", default=None, help="Remote root (absolute).")
+@click.option("--host", default=None, help="ssh destination (default: asked, or devbox).")
+@click.option("--path", "remote_path", default=None,
+              help="Remote root, absolute (default: asked, or /srv/<folder name>).")
+@click.option("--yes", "-y", is_flag=True, help="Accept every proposal; ask nothing.")
+@click.option("--no-detect", is_flag=True, help="Look at nothing: write the plain starter.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(config_path: Path | None, host: str, remote_path: str | None, force: bool) -> None:
-    """Write a commented starter dev-sync.toml."""
-    target = config_path or Path.cwd() / CONFIG_NAME
+def init(config_path: Path | None, host: str | None, remote_path: str | None, yes: bool,
+         no_detect: bool, force: bool) -> None:
+    """Write a commented dev-sync.toml, with what the project needs found in its tree.
+
+    Lock files become [deps], Procfile entries and package.json dev/start/serve
+    scripts become [services], a script/bootstrap becomes [provision]. On a
+    terminal each proposal is asked about; with --yes, or when stdin is not a
+    terminal (scripts, CI), every proposal is accepted and nothing is asked.
+    """
+    from dev_sync.config import check_host, check_remote_root
+    from dev_sync.detect import Detection, detect, render, unfold
+
+    target = (config_path or Path.cwd() / CONFIG_NAME).absolute()
     if target.exists() and not force:
         raise UsageError(f"{target} already exists", "edit it, or pass --force to overwrite it")
-    path = remote_path or f"/srv/{Path.cwd().resolve().name or 'app'}"
-    text = starter_text(host, path)
-    parse_config(tomllib.loads(text), target)  # the starter must itself be valid
+    root = target.parent
+    found = Detection() if no_detect else detect(root, ["*.log"])
+    ask = not yes and sys.stdin.isatty()
+    _show_found(root, found)
+
+    def valid(check: Callable[[str], str]) -> Callable[[str], str]:
+        def proc(value: str) -> str:
+            try:
+                return check(value.strip())
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        return proc
+
+    default_path = f"/srv/{root.name or 'app'}"
+    if ask:
+        host = host or click.prompt("ssh destination of the VM (Host alias or user@address)",
+                                    default="devbox", value_proc=valid(check_host))
+        remote_path = remote_path or click.prompt("project folder on the VM",
+                                                  default=default_path,
+                                                  value_proc=valid(check_remote_root))
+        keep_deps = [d.name for d in found.deps
+                     if click.confirm(f"Run {d.describe()}?", default=True)]
+        keep_services = [s.name for s in found.services
+                         if click.confirm(f"Add {s.describe()}?", default=True)]
+        keep_bootstrap = bool(found.bootstrap) and click.confirm(
+            f"Run {found.bootstrap} in `dev-sync provision`?", default=True)
+    else:
+        keep_deps = [d.name for d in found.deps]
+        keep_services = [s.name for s in found.services]
+        keep_bootstrap = True
+        if not yes and not found.empty:
+            click.echo("not a terminal: every proposal is accepted "
+                       "(--no-detect leaves them out)")
+    accepted, declined = unfold(found, keep_deps, keep_services, keep_bootstrap)
+    text = render(host or "devbox", remote_path or default_path, accepted, declined)
+    parse_config(tomllib.loads(text), target)  # what is written must load
     target.write_text(text)
-    click.echo(f"wrote {target}; edit [remote] and run `dev-sync up`")
+    click.echo(f"wrote {target}; check [remote], then run `dev-sync provision` on a new VM "
+               "or `dev-sync up`")
+
+
+def _show_found(root: Path, found: Detection) -> None:
+    from dev_sync.detect import comment_text
+
+    if found.empty and not found.notes:
+        return
+    click.echo(f"found in {root}:")
+    for d in found.deps:
+        click.echo(f"  [deps]      {d.name}: {comment_text(', '.join(d.files))}")
+    for s in found.services:
+        click.echo(f"  [services]  {s.name}: {comment_text(s.command)} "
+                   f"(in {comment_text(s.cwd)}, from {comment_text(s.source)})")
+    if found.bootstrap:
+        click.echo(f"  [provision] script {found.bootstrap}")
+    for note in found.notes:
+        click.echo(f"  note: {comment_text(note)}")
 
 
 @cli.command()
@@ -416,16 +483,45 @@ def services_install(config_path: Path | None) -> None:
         )
 
     async def work(master: SshMaster) -> list[str]:
-        changed: list[str] = []
-        for manager in _managers(config, master).values():
-            changed += await manager.install()
-        return changed
+        return await install_all(master, config.remote.path, config.local_root.name,
+                                 config.services)
 
     changed = _on_remote(config, work)
     names = ", ".join(sorted(config.services))
     click.echo(f"services on {config.remote.host}: {names}"
                + (f" (new or changed, so restarted: {', '.join(sorted(changed))})"
                   if changed else ""))
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+@click.option("--adopt", is_flag=True, help="Take over a non-empty remote root.")
+def provision(config_path: Path | None, as_json: bool, adopt: bool) -> None:
+    """Bootstrap the VM: packages, first sync, [provision] steps, installs, services.
+
+    Safe to run again: what is already done is reported as unchanged.
+    """
+    from dev_sync.provision import Provisioner
+
+    config = _load(config_path)
+    files = SessionFiles(config.source, config.env)
+    busy = active_intercepts(files.dir)
+    if busy and config.services:
+        raise UsageError(
+            f"{', '.join(sorted(busy))} is intercepted: its traffic goes to this machine",
+            "end the intercept (Ctrl-C in its terminal) and run this again",
+        )
+    if not files.acquire():
+        raise DevSyncError(
+            f"a dev-sync session for {config.source} is running (pid {files.running_pid()})",
+            "stop it with `dev-sync stop` (or Ctrl-C), then provision",
+        )
+    reporter: Reporter = JsonReporter() if as_json else ConsoleReporter()
+    try:
+        asyncio.run(Provisioner(config, reporter, state_dir=files.dir, adopt=adopt).run())
+    finally:
+        files.release()
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from pydantic import (
 
 from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
+from dev_sync.provision import ProvisionConfig
 from dev_sync.services import ServiceConfig, ServiceName
 
 CONFIG_NAME = "dev-sync.toml"
@@ -59,6 +60,15 @@ def check_remote_root(path: str) -> str:
     if head in ("/home", "/Users"):
         raise ValueError(f"{norm!r} is a home directory; use a folder inside it, e.g. {norm}/app")
     return norm
+
+
+def check_host(value: str) -> str:
+    """An ssh destination ssh cannot read as an option, or raise ValueError saying why."""
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise ValueError(
+            f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
+        )
+    return value
 
 
 class _Strict(BaseModel):
@@ -101,11 +111,7 @@ class RemoteConfig(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        if value.startswith("-") or any(c.isspace() for c in value):
-            raise ValueError(
-                f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
-            )
-        return value
+        return check_host(value)
 
     @field_validator("rsync_path", "python")
     @classmethod
@@ -172,6 +178,7 @@ class Config(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     deps: DepsConfig = Field(default_factory=DepsConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
+    provision: ProvisionConfig = Field(default_factory=ProvisionConfig)
     source: Path = Field(default=Path(CONFIG_NAME), exclude=True)
 
     @property
@@ -326,10 +333,10 @@ STARTER = """\
 
 [remote]
 # Any ssh destination: a Host alias from ~/.ssh/config, or user@address.
-host = "{host}"
+host = {host}
 # Absolute path of the project on the remote. dev-sync creates it and marks it
 # with a .dev-sync-root file; it refuses a non-empty folder it did not create.
-path = "{path}"
+path = {path}
 # user = "dev"                  # overrides the user from the ssh config
 # port = 22
 # ssh_config = "ssh_config"     # an ssh config file (passed as ssh -F), relative to this file
@@ -355,5 +362,26 @@ gitignore = true
 """
 
 
+def toml_string(value: str) -> str:
+    """A TOML basic string holding ``value`` exactly, whatever characters it has."""
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare when it can be, quoted otherwise (a dot would start a sub-table)."""
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return toml_string(key)
+
+
 def starter_text(host: str, path: str) -> str:
-    return STARTER.format(host=host, path=path)
+    """The commented starter file; values are quoted, so any host or path stays one value."""
+    return STARTER.format(host=toml_string(host), path=toml_string(path))

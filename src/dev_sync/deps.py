@@ -639,20 +639,41 @@ def _target(remote_root: str, directory: str) -> str:
 
 def install_argv(remote_root: str, job: InstallJob) -> list[str]:
     """The remote argv of :func:`run_install`: a fixed script, everything else as data."""
-    return ["sh", "-c", _INSTALL, "dev-sync-install", remote_root, job.directory, job.command,
-            *job.args]
+    return command_argv(remote_root, job.directory, job.command, job.args)
 
 
-async def run_install(
-    master: SshMaster, remote_root: str, job: InstallJob, on_line: Callable[[str], None]
-) -> InstallResult:
-    """Run ``job`` on the remote and stream its output (stdout and stderr merged).
+def command_argv(
+    remote_root: str, directory: str, command: str, args: Sequence[str] = (),
+    *, label: str = "dev-sync-install",
+) -> list[str]:
+    """The remote argv that runs ``sh -c COMMAND sh ARGS...`` in ``directory`` of the root.
 
-    Lines reach ``on_line`` as they arrive; a progress line redrawn with
-    carriage returns is reported as its last state. A missing folder, a
-    missing tool or a lost connection end as a non-zero result (255 with a
-    dead master is the connection), never as an exception. Cancelling stops
-    the remote command too.
+    The same fixed script as the installs (so it is stopped on the remote when
+    dev-sync stops or the connection dies); ``args`` reach the command verbatim
+    as ``"$@"``, so ``command = 'exec "$@"'`` runs an argument list as it is.
+    """
+    return ["sh", "-c", _INSTALL, label, remote_root, directory, command, *args]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """How a streamed remote command ended: exit code, wall time and its last lines."""
+
+    returncode: int
+    duration: float  # seconds
+    tail: tuple[str, ...]
+
+
+async def stream(
+    master: SshMaster, remote_argv: Sequence[str], on_line: Callable[[str], None]
+) -> StreamResult:
+    """Run ``remote_argv`` over the master and hand its output to ``on_line`` line by line.
+
+    stdout and stderr are merged; a progress line redrawn with carriage
+    returns is reported as its last state. A missing tool or a lost
+    connection end as a non-zero result (255 with a dead master is the
+    connection), never as an exception. Cancelling stops the local ssh, whose
+    closed stdin stops a command started by :func:`command_argv` on the remote.
     """
     started = time.monotonic()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -663,12 +684,12 @@ async def run_install(
         tail.append(text)
         on_line(text)
 
-    argv = master.command(install_argv(remote_root, job))
+    argv = master.command(remote_argv)
     try:
         proc = await runner.start(argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
     except runner.CommandError as exc:  # no ssh binary
         emit(exc.stderr)
-        return InstallResult(job, exc.returncode, time.monotonic() - started, tuple(tail))
+        return StreamResult(exc.returncode, time.monotonic() - started, tuple(tail))
     assert proc.stdout is not None
     try:
         buf = b""
@@ -692,7 +713,22 @@ async def run_install(
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
-    return InstallResult(job, code, time.monotonic() - started, tuple(tail))
+    return StreamResult(code, time.monotonic() - started, tuple(tail))
+
+
+async def run_install(
+    master: SshMaster, remote_root: str, job: InstallJob, on_line: Callable[[str], None]
+) -> InstallResult:
+    """Run ``job`` on the remote and stream its output (stdout and stderr merged).
+
+    Lines reach ``on_line`` as they arrive; a progress line redrawn with
+    carriage returns is reported as its last state. A missing folder, a
+    missing tool or a lost connection end as a non-zero result (255 with a
+    dead master is the connection), never as an exception. Cancelling stops
+    the remote command too.
+    """
+    result = await stream(master, install_argv(remote_root, job), on_line)
+    return InstallResult(job, result.returncode, result.duration, result.tail)
 
 
 def rerun_hint(
@@ -704,9 +740,18 @@ def rerun_hint(
     :func:`run_install`, so a command using ``"$@"`` behaves the same.
     ``ssh_args`` are extra options such as ``-F FILE`` or ``-p PORT``.
     """
+    return rerun_command(host, _target(remote_root, job.directory), job.command, job.args,
+                         ssh_args=ssh_args)
+
+
+def rerun_command(
+    host: str, directory: str, command: str, args: Sequence[str] = (),
+    *, ssh_args: Sequence[str] = (),
+) -> str:
+    """The ssh command line that runs ``sh -c COMMAND sh ARGS...`` in the remote ``directory``."""
     remote = " ".join([
-        "cd", shlex.quote(_target(remote_root, job.directory)), "&&",
-        runner.remote_command(["sh", "-c", job.command, "sh", *job.args]),
+        "cd", shlex.quote(directory), "&&",
+        runner.remote_command(["sh", "-c", command, "sh", *args]),
     ])
     return shlex.join(["ssh", "-t", *ssh_args, host, remote])
 

@@ -160,6 +160,48 @@ class ServiceRestarted(Event):
 
 
 @dataclass(frozen=True)
+class ProvisionStep(Event):
+    """A provision step (or the packages phase) started or ended.
+
+    status: running | ok | unchanged (done before, same definition) |
+    satisfied (its guard says the work is there) | failed.
+    """
+
+    name: str
+    status: str
+    detail: str = ""
+    ms: int = 0
+    code: int = 0
+    tail: tuple[str, ...] = ()
+    rerun: str = ""
+
+
+@dataclass(frozen=True)
+class ProvisionLine(Event):
+    name: str
+    line: str
+
+
+@dataclass(frozen=True)
+class ServicesInstalled(Event):
+    names: tuple[str, ...]
+    changed: tuple[str, ...]  # new or changed, so (re)started
+
+
+@dataclass(frozen=True)
+class Provisioned(Event):
+    """The summary of a whole ``dev-sync provision`` run; ``changed`` is False on a no-op."""
+
+    steps: tuple[tuple[str, str], ...]
+    sent: int
+    deleted: int
+    installs: tuple[str, ...]
+    services: tuple[str, ...]
+    services_changed: tuple[str, ...]
+    changed: bool
+
+
+@dataclass(frozen=True)
 class Stopped(Event):
     reason: str = "stopped"
 
@@ -316,8 +358,40 @@ class ConsoleReporter:
             case Stopped():
                 self._end_bar()
                 c.print(f"[dim]{self._stamp()}[/] stopped ({event.reason})")
+            case ProvisionStep():
+                self._provision_step(event)
+            case ProvisionLine():
+                c.print(f"  [dim]{_escape(event.name)} │[/] {_escape(event.line)}")
+            case ServicesInstalled():
+                note = (f" (new or changed, so restarted: {', '.join(event.changed)})"
+                        if event.changed else ", unchanged")
+                c.print(f"[dim]{self._stamp()}[/] [green]✓[/] services "
+                        f"{_escape(', '.join(event.names))}{_escape(note)}")
+            case Provisioned():
+                counts: dict[str, int] = {}
+                for _, status in event.steps:
+                    counts[status] = counts.get(status, 0) + 1
+                steps = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no steps"
+                verdict = "provisioned" if event.changed else "already provisioned: no changes"
+                c.print(f"[dim]{self._stamp()}[/] [green]{verdict}[/] ({steps}; "
+                        f"sent {_count(event.sent, 'file')}, "
+                        f"{_count(len(event.installs), 'install')})")
             case _:
                 pass
+
+
+    def _provision_step(self, event: ProvisionStep) -> None:
+        c = self.console
+        name, detail = _escape(event.name), _escape(event.detail)
+        match event.status:
+            case "running":
+                c.print(f"[dim]{self._stamp()}[/] [magenta]▶[/] {name}: {detail}")
+            case "ok":
+                c.print(f"[dim]{self._stamp()}[/] [green]✓[/] {name} ({event.ms / 1000:.1f} s)")
+            case "failed":
+                c.print(f"[dim]{self._stamp()}[/] [red]✗[/] {name} failed ({detail})")
+            case _:
+                c.print(f"[dim]{self._stamp()}[/] [dim]=[/] {name} {event.status} ({detail})")
 
 
 def _count(n: int, noun: str) -> str:

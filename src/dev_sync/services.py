@@ -1653,6 +1653,20 @@ def managers_for(
     return made
 
 
+async def install_all(
+    remote: Remote, remote_root: str, project: str, services: Mapping[str, ServiceConfig]
+) -> list[str]:
+    """Write every manager's configuration and start everything: ``dev-sync services install``.
+
+    Returns the services that were new or changed (and so were restarted);
+    one place for the command and for ``dev-sync provision``, which ends with it.
+    """
+    changed: list[str] = []
+    for manager in managers_for(remote, remote_root, project, services).values():
+        changed += await manager.install()
+    return changed
+
+
 def _crash_sign(first: ServiceStatus, now: ServiceStatus, elapsed: float) -> str:
     """Why ``now`` (seen ``elapsed`` s after the restart) means a crash loop, or ""."""
     detail = f" ({now.detail})" if now.detail and now.detail != now.state else ""
