@@ -25,6 +25,7 @@ from pydantic import (
 
 from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
+from dev_sync.idle import IdleConfig
 from dev_sync.services import ServiceConfig, ServiceName
 
 CONFIG_NAME = "dev-sync.toml"
@@ -165,6 +166,7 @@ class Config(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     deps: DepsConfig = Field(default_factory=DepsConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
+    idle: IdleConfig = Field(default_factory=IdleConfig)
     source: Path = Field(default=Path(CONFIG_NAME), exclude=True)
 
     @property
