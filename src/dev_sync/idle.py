@@ -43,7 +43,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from dev_sync import runner
 from dev_sync.errors import ConnectionFailed, DevSyncError
-from dev_sync.services import _SH_COMMON, Remote, _changes, _put_args, _systemd_escape
+from dev_sync.services import _SH_COMMON, Remote, _put_args, _systemd_escape
 
 # --------------------------------------------------------------------------
 # Durations and the [idle] table
@@ -548,7 +548,10 @@ for f in "$lib/watcher.py" "$lib/settings.json" "$lib/installed" "$state/state.j
   if [ -e "$f" ]; then rm -f -- "$f" && echo "removed $f"; fi
 done
 rm -f -- "$state"/state.json.tmp.* 2>/dev/null
-rmdir -- "$lib" "$state" 2>/dev/null
+# The folders install made, each only once empty (the activity file stays).
+for d in "$lib" "$state" "${lib%/*}" "${state%/*}"; do
+  [ -d "$d" ] && rmdir -- "$d" 2>/dev/null
+done
 exit 0
 """
 
@@ -630,12 +633,8 @@ async def install(
     line = cron_line(found) if mechanism == "cron" else ""
     argv = _script(_INSTALL, mechanism, line, *_put_args(files))
     result = await _run(remote, [*prefix, *argv], "install the idle watcher")
-    created, changed = _changes(result.out)
-    changes = [f"created {label}" for label in sorted(created)]
-    changes += [f"changed {label}" for label in sorted(changed)]
-    changes += [ln.strip() for ln in result.out.splitlines()
-                if (ln.strip() and ln.split()[0] in ("enabled", "removed"))
-                or ln.strip().endswith("crontab entry")]
+    changes = [ln.strip() for ln in result.out.splitlines()
+               if ln.split()[:1] in (["created"], ["changed"], ["enabled"], ["removed"])]
     warnings = []
     if mechanism == "cron" and not found.cron_daemon:
         warnings.append(

@@ -211,8 +211,7 @@ def decide(now: float, state: dict[str, Any], sources: Sources, settings: Settin
     if keep_until is not None and keep_until > stop_at:
         stop_at = keep_until
     left = stop_at - now
-    warned_for = state.get("warned_for")
-    warned = isinstance(warned_for, (int, float)) and abs(warned_for - stop_at) < 1.0
+    warned = _warned(state, stop_at)
     why = f"last activity: {last.describe()}, {span(now - last.at)} ago"
     if keep_until is not None and keep_until >= last.at + settings.after:
         why = f"kept awake until {_clock(keep_until)}"
@@ -227,6 +226,12 @@ def decide(now: float, state: dict[str, Any], sources: Sources, settings: Settin
     if left > 0:
         return made("keep", f"{why}; users warned, stopping in {span(left)}")
     return made("stop", f"{why}; idle for {span(now - last.at)}")
+
+
+def _warned(state: dict[str, Any], stop_at: float) -> bool:
+    """Whether the users were warned of the stop due at ``stop_at`` (this countdown)."""
+    warned_for = state.get("warned_for")
+    return isinstance(warned_for, (int, float)) and abs(warned_for - stop_at) < 1.0
 
 
 def updated_state(state: dict[str, Any], decision: Decision, now: float) -> dict[str, Any]:
@@ -284,14 +289,16 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
-def ssh_sessions(proc: str = "/proc", dev: str = "/dev") -> list[Session]:
+def ssh_sessions(proc: str = "/proc", dev: str = "/dev", under: int | None = None
+                 ) -> list[Session]:
     """SSH logins with a terminal, found from the process table.
 
     The shell sshd starts for a login with a terminal is the leader of its
     own session, a child of sshd, with the pseudo-terminal as controlling
     terminal; ``ssh -N`` (forwards only) and commands run without a terminal
     have no such process. This works without utmp (containers, minimal
-    images often have none), for every user.
+    images often have none), for every user. ``under``: only sessions
+    served by that process (one SSH server of several).
     """
     table: dict[int, tuple[str, int, int, int]] = {}
     try:
@@ -308,6 +315,8 @@ def ssh_sessions(proc: str = "/proc", dev: str = "/dev") -> list[Session]:
     for pid, (_, ppid, sid, tty_nr) in table.items():
         if pid != sid or ppid not in servers:
             continue
+        if under is not None and not _descends(ppid, under, table):
+            continue
         tty = _pts_name(tty_nr)
         if tty is None or tty in found:
             continue
@@ -317,6 +326,16 @@ def ssh_sessions(proc: str = "/proc", dev: str = "/dev") -> list[Session]:
             continue
         found[tty] = Session(tty, _user(st.st_uid), st.st_atime, pid)
     return sorted(found.values(), key=lambda s: s.tty)
+
+
+def _descends(pid: int, ancestor: int, table: dict[int, tuple[str, int, int, int]]) -> bool:
+    seen = set()
+    while pid > 0 and pid not in seen:
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = table[pid][1] if pid in table else 0
+    return False
 
 
 def cpu_sample(path: str = "/proc/stat") -> tuple[int, int] | None:
@@ -503,12 +522,12 @@ def _tail(path: str, lines: int = 5) -> list[str]:
 # Commands
 
 
-def check(settings: Settings, now: float) -> Decision:
+def check(settings: Settings, now: float, under: int | None = None) -> Decision:
     """One timer tick: observe, decide, act, remember."""
     with locked(settings.state_file):
         state = load_state(settings.state_file)
         sample = cpu_sample()
-        sessions = ssh_sessions()
+        sessions = ssh_sessions(under=under)
         sources = Sources(
             activity_file=_mtime(settings.activity_file),
             sessions=tuple(sessions),
@@ -539,10 +558,10 @@ def check(settings: Settings, now: float) -> Decision:
     return decision
 
 
-def status(settings: Settings, now: float) -> dict[str, Any]:
+def status(settings: Settings, now: float, under: int | None = None) -> dict[str, Any]:
     """What the next check would decide (without acting), and what the state says."""
     state = load_state(settings.state_file)
-    sessions = ssh_sessions()
+    sessions = ssh_sessions(under=under)
     sources = Sources(_mtime(settings.activity_file), tuple(sessions), None, boot_time())
     decision = decide(now, state, sources, settings)
     return {
@@ -561,15 +580,15 @@ def status(settings: Settings, now: float) -> dict[str, Any]:
         "sessions": [s.to_dict(now) for s in sessions],
         "last_check": state.get("last_check"),
         "cpu_percent": state.get("cpu_percent"),
-        "warned": decision.action != "warn" and state.get("warned_for") is not None
-        and abs(float(state["warned_for"]) - decision.stop_at) < 1.0,
+        "warned": _warned(state, decision.stop_at),
         "stop_requested_at": state.get("stop_requested_at"),
         "stop_result": state.get("stop_result"),
         "log": _tail(settings.log_file),
     }
 
 
-def keep_awake(settings: Settings, now: float, seconds: float) -> dict[str, Any]:
+def keep_awake(settings: Settings, now: float, seconds: float,
+               under: int | None = None) -> dict[str, Any]:
     """Set (or with 0, clear) the deadline before which the machine is not stopped."""
     with locked(settings.state_file):
         state = load_state(settings.state_file)
@@ -579,7 +598,7 @@ def keep_awake(settings: Settings, now: float, seconds: float) -> dict[str, Any]
             state.pop("keep_awake_until", None)
         save_state(settings.state_file, state)
     log(settings, now, f"keep-awake: {span(seconds)}" if seconds > 0 else "keep-awake cleared")
-    return status(settings, now)
+    return status(settings, now, under)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="settings.json written at install")
     parser.add_argument("--now", type=float, default=None,
                         help="the time to decide at (epoch seconds; default: the clock)")
+    parser.add_argument("--sessions-under", type=int, default=None, metavar="PID",
+                        help="count only SSH sessions served by this process (one sshd of several)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="observe, decide and act (what the timer runs)")
     sub.add_parser("status", help="print what the next check would decide, as JSON")
@@ -601,13 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dev-sync-idle: cannot read {args.settings}: {exc}", file=sys.stderr)
         return 2
     command = args.command or "check"
+    under = args.sessions_under
     if command == "check":
-        decision = check(settings, now)
+        decision = check(settings, now, under)
         print(json.dumps(decision.to_dict()))
     elif command == "status":
-        print(json.dumps(status(settings, now)))
+        print(json.dumps(status(settings, now, under)))
     else:
-        print(json.dumps(keep_awake(settings, now, args.seconds)))
+        print(json.dumps(keep_awake(settings, now, args.seconds, under)))
     return 0
 
 
