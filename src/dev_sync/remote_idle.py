@@ -198,8 +198,8 @@ def decide(now: float, state: dict[str, Any], sources: Sources, settings: Settin
 
     The stop is due ``after`` seconds past the latest activity, and never
     before a keep-awake deadline. Inside the last ``warn_before`` seconds
-    the users are warned, once per countdown (a countdown is identified by
-    its stop time: new activity starts a new one). A stop always follows a
+    the users are warned, once per countdown (see :func:`_warned`: new
+    activity starts a new one). A stop always follows a
     warning: if the warning window was missed (the checks did not run), the
     warning goes out now and the stop waits for the next check.
     """
@@ -229,9 +229,14 @@ def decide(now: float, state: dict[str, Any], sources: Sources, settings: Settin
 
 
 def _warned(state: dict[str, Any], stop_at: float) -> bool:
-    """Whether the users were warned of the stop due at ``stop_at`` (this countdown)."""
+    """Whether the users were warned of a stop due at ``stop_at`` (this countdown).
+
+    New activity and keep-awake only ever move the stop later, which starts a
+    new countdown with its own warning; a stop that moved earlier (a deadline
+    that passed) was announced by the warning already given.
+    """
     warned_for = state.get("warned_for")
-    return isinstance(warned_for, (int, float)) and abs(warned_for - stop_at) < 1.0
+    return isinstance(warned_for, (int, float)) and stop_at <= warned_for + 1.0
 
 
 def updated_state(state: dict[str, Any], decision: Decision, now: float) -> dict[str, Any]:
