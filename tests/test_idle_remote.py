@@ -127,6 +127,7 @@ def _install_to_uninstall(config: str, marker: Path) -> None:
     assert _crontab() == table
     longer = run_cli("idle", "install", "--after", "1h", "--config", config)
     assert longer.returncode == 0, longer.stderr
+    assert "idle auto-stop updated on dev-sync-sandbox" in longer.stdout
     assert longer.stdout.splitlines()[1:] == ["  changed settings"]
     assert _crontab() == table
 
@@ -138,7 +139,8 @@ def _install_to_uninstall(config: str, marker: Path) -> None:
     assert data["last_activity"]["what"] == "dev-sync"  # install counts as use
     assert abs(data["left"] - 3600) < 120 and data["keep_awake_until"] is None
     human = run_cli("idle", "status", "--config", config)
-    assert "last activity: dev-sync" in human.stdout and "stop in 59m" in human.stdout
+    assert "last activity: dev-sync push or heartbeat" in human.stdout
+    assert "stop in 59m" in human.stdout
 
     kept = run_cli("idle", "keep-awake", "--for", "2h", "--config", config)
     assert kept.returncode == 0, kept.stderr

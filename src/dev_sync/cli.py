@@ -872,7 +872,8 @@ def idle_install(config_path: Path | None, after: str | None, warn_before: str |
     how = {"systemd": "a systemd timer", "systemd-user": "a systemd user timer",
            "cron": "a crontab entry"}[result.mechanism]
     stop = "shutdown" if settings.stop == "shutdown" else shlex.join(settings.stop_command)
-    verb = "installed" if result.changes else "already installed, nothing changed"
+    verb = ("already installed, nothing changed" if not result.changes
+            else "updated" if result.was_installed else "installed")
     click.echo(f"idle auto-stop {verb} on {host} ({how}): after "
                f"{idle.format_duration(settings.after)} without use it runs `{stop}`, "
                f"warning {idle.format_duration(settings.warn_before)} before")
@@ -917,6 +918,8 @@ def idle_status(config_path: Path | None, as_json: bool) -> None:
 
 
 def _print_idle(data: dict[str, Any]) -> None:
+    from dev_sync.remote_idle import Activity
+
     host = data["host"]
     if not data["installed"]:
         click.echo(f"idle auto-stop is not installed on {host} (`dev-sync idle install`)")
@@ -924,10 +927,9 @@ def _print_idle(data: dict[str, Any]) -> None:
     settings = data.get("settings", {})
     click.echo(f"idle auto-stop on {host}: {data['mechanism']}, stops after "
                f"{_in(settings.get('after'))} without use")
-    last = data.get("last_activity") or {}
-    detail = f" ({last['detail']})" if last.get("detail") else ""
-    click.echo(f"  last activity: {last.get('what', '?')}{detail}, "
-               f"{_ago(last.get('at'))}")
+    last = Activity.from_dict(data.get("last_activity"))
+    if last is not None:
+        click.echo(f"  last activity: {last.describe()}, {_ago(last.at)}")
     keep = data.get("keep_awake_until")
     if keep:
         click.echo(f"  kept awake until {_clock(keep)}")

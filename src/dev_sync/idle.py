@@ -587,6 +587,7 @@ class InstallResult:
     changes: list[str]  # what was created or changed; empty: nothing to do
     warnings: list[str] = field(default_factory=list)
     paths: Paths | None = None
+    was_installed: bool = False  # an earlier install was there (this one updated it)
 
 
 def _last_line(result: runner.Result) -> str:
@@ -648,7 +649,8 @@ async def install(
             f"(`{found.user} ALL=(root) NOPASSWD: /usr/sbin/shutdown`), or set "
             '[idle] stop = "command"'
         )
-    return InstallResult(mechanism, changes, warnings, Paths(found.lib, found.state))
+    return InstallResult(mechanism, changes, warnings, Paths(found.lib, found.state),
+                         bool(found.installed_mechanism))
 
 
 async def uninstall(remote: Remote, *, prefix: Sequence[str] = ()) -> list[str]:
