@@ -276,9 +276,12 @@ async def test_heartbeat_touches_the_activity_file(master: SshMaster, tmp_path: 
     with pytest.raises(asyncio.CancelledError):
         await running
 
-    # Unreachable: False, never an exception (the sync deals with lost connections).
+    # Unreachable: False, never an exception (the sync deals with lost connections);
+    # with the master down the heartbeat does not even try.
     offline = SshMaster(Target("127.0.0.1", port=free_port(), connect_timeout=2))
     assert not await touch_activity(offline, prefix=prefix)
+    await master.close()
+    assert not await beat.touch() and beat.touches >= 3
 
 
 async def test_a_session_start_marks_the_machine_as_used(master: SshMaster,

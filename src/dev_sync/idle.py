@@ -183,7 +183,10 @@ class Heartbeat:
         self._pending: asyncio.Task[bool] | None = None
 
     async def touch(self) -> bool:
+        """Touch now, unless the connection is down (no ssh of its own while offline)."""
         self._last = asyncio.get_running_loop().time()
+        if not getattr(self.remote, "alive", True):
+            return False
         ok = await touch_activity(self.remote, prefix=self.prefix)
         if ok:
             self.touches += 1
