@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -483,7 +484,7 @@ def save_state(path: str, state: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def locked(state_file: str) -> Any:
+def locked(state_file: str) -> Iterator[None]:
     """One writer of the state at a time: a check, and a keep-awake arriving meanwhile."""
     os.makedirs(os.path.dirname(state_file) or ".", exist_ok=True)
     with open(state_file + ".lock", "a") as fh:
