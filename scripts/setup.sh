@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 missing=()
 # ssh and rsync for dev-sync itself; supervisor, node and npm for the tests of
-# remote actions (the sandbox remote is this machine).
-for pkg in openssh-server openssh-client rsync supervisor; do
+# remote actions, cron for those of idle auto-stop (the sandbox remote is this machine).
+for pkg in openssh-server openssh-client rsync supervisor cron; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)

@@ -323,3 +323,13 @@ def test_edits_made_on_the_vm_while_dev_sync_was_away_are_kept(project: Project)
         wait_in_sync(project.local, project.remote, ignore=lambda r: excluded(r) or
                      r.endswith(".log"))
         assert len(s.of_kind("conflict_kept")) == 1
+
+
+def test_a_watching_session_marks_the_vm_as_in_use(project: Project) -> None:
+    activity = Path.home() / ".local" / "state" / "dev-sync" / "activity"
+    with start(project) as s:
+        before = activity.stat().st_mtime_ns  # the session start marked it already
+        (project.local / "edit.txt").write_text("x")
+        pushed_via(s, "edit.txt")
+        wait_until(lambda: activity.stat().st_mtime_ns > before, timeout=10,
+                   message="the activity file was not touched after a push")

@@ -237,6 +237,11 @@ class Channel:
         self.master = master
         self.agent: Agent | None = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the connection is up: nothing is tried while it is down."""
+        return self.master.alive
+
     async def run(
         self, remote_argv: Sequence[str], *, check: bool = True, input: bytes | None = None
     ) -> runner.Result:

@@ -43,6 +43,7 @@ from dev_sync.forwards import (
     plan_forwards,
     restore_stale,
 )
+from dev_sync.idle import IdleConfig
 from dev_sync.services import (
     ManagerName,
     ProcessManager,
@@ -899,6 +900,173 @@ def envs(config_path: Path | None, as_json: bool) -> None:
         mark = "*" if row["active"] else " "
         address = f"  address {row['address']}" if row["address"] else ""
         click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}")
+
+
+@cli.group("idle")
+def idle_group() -> None:
+    """Stop the VM by itself when nobody uses it (a check on the VM, every minute)."""
+
+
+def _duration(value: str | None, option: str) -> float | None:
+    from dev_sync.idle import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}", "write it as 45m, 2h, 90s or 1h30m") from None
+
+
+def _idle_settings(config: Config, **updates: object) -> IdleConfig:
+    from pydantic import ValidationError
+
+    from dev_sync.config import _format_error
+
+    given = {k: v for k, v in updates.items() if v is not None}
+    if not given:
+        return config.idle
+    try:
+        return IdleConfig.model_validate({**config.idle.model_dump(), **given})
+    except ValidationError as exc:
+        lines = [_format_error(config.source, {**e, "loc": ("idle", *e["loc"])})
+                 for e in exc.errors()]
+        raise UsageError("\n  ".join(lines), "change the option or [idle] in dev-sync.toml"
+                         ) from None
+
+
+def _clock(ts: object) -> str:
+    if not isinstance(ts, int | float):
+        return "?"
+    return time.strftime("%H:%M", time.localtime(ts))
+
+
+def _in(seconds: object) -> str:
+    from dev_sync.remote_idle import span
+
+    return span(float(seconds)) if isinstance(seconds, int | float) else "?"
+
+
+@idle_group.command("install")
+@config_option
+@click.option("--after", default=None, help="Idle time before the stop, e.g. 45m ([idle] after).")
+@click.option("--warn-before", default=None,
+              help="Warn logged-in users this long before the stop ([idle] warn_before).")
+@click.option("--cpu-above", type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              default=None, help="Count CPU busier than this percent as use ([idle] cpu_above).")
+def idle_install(config_path: Path | None, after: str | None, warn_before: str | None,
+                 cpu_above: float | None) -> None:
+    """Install (or update) the idle watcher on the VM."""
+    from dev_sync import idle
+
+    config = _load(config_path)
+    settings = _idle_settings(config, after=_duration(after, "--after"),
+                              warn_before=_duration(warn_before, "--warn-before"),
+                              cpu_above=cpu_above)
+    host = config.remote.host
+    result = _on_remote(config, lambda m: idle.install(m, settings, host=host))
+    how = {"systemd": "a systemd timer", "systemd-user": "a systemd user timer",
+           "cron": "a crontab entry"}[result.mechanism]
+    stop = "shutdown" if settings.stop == "shutdown" else shlex.join(settings.stop_command)
+    verb = ("already installed, nothing changed" if not result.changes
+            else "updated" if result.was_installed else "installed")
+    click.echo(f"idle auto-stop {verb} on {host} ({how}): after "
+               f"{idle.format_duration(settings.after)} without use it runs `{stop}`, "
+               f"warning {idle.format_duration(settings.warn_before)} before")
+    for change in result.changes:
+        click.echo(f"  {change}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@idle_group.command("uninstall")
+@config_option
+def idle_uninstall(config_path: Path | None) -> None:
+    """Remove the idle watcher, its timer or crontab entry, and its files from the VM."""
+    from dev_sync import idle
+
+    config = _load(config_path)
+    removed = _on_remote(config, idle.uninstall)
+    if not removed:
+        click.echo(f"idle auto-stop was not installed on {config.remote.host}")
+        return
+    click.echo(f"idle auto-stop removed from {config.remote.host}")
+    for line in removed:
+        click.echo(f"  {line}")
+
+
+@idle_group.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def idle_status(config_path: Path | None, as_json: bool) -> None:
+    """Whether the VM stops by itself, its last activity, the time left (exit 3: not installed)."""
+    from dev_sync import idle
+
+    config = _load(config_path)
+    data = _on_remote(config, idle.status)
+    data["host"] = config.remote.host
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        sys.exit(0 if data["installed"] else 3)
+    _print_idle(data)
+    if not data["installed"]:
+        sys.exit(3)
+
+
+def _print_idle(data: dict[str, Any]) -> None:
+    from dev_sync.remote_idle import Activity
+
+    host = data["host"]
+    if not data["installed"]:
+        click.echo(f"idle auto-stop is not installed on {host} (`dev-sync idle install`)")
+        return
+    settings = data.get("settings", {})
+    click.echo(f"idle auto-stop on {host}: {data['mechanism']}, stops after "
+               f"{_in(settings.get('after'))} without use")
+    last = Activity.from_dict(data.get("last_activity"))
+    if last is not None:
+        click.echo(f"  last activity: {last.describe()}, {_ago(last.at)}")
+    keep = data.get("keep_awake_until")
+    if keep:
+        click.echo(f"  kept awake until {_clock(keep)}")
+    action = data.get("action")
+    left = data.get("left")
+    if action == "stop" or (isinstance(left, int | float) and left <= 0):
+        click.echo("  stop: due at the next check")
+    else:
+        click.echo(f"  stop in {_in(left)} (at {_clock(data.get('stop_at'))})")
+    for s in data.get("sessions", []):
+        click.echo(f"  session: {s['user']} on {s['tty']}, idle {_in(s['idle'])}")
+    last_check = data.get("last_check")
+    click.echo(f"  last check: {_ago(last_check) if last_check else 'never'}")
+    if not data.get("entry"):
+        click.echo("warning: the timer or crontab entry is missing: run `dev-sync idle install`",
+                   err=True)
+    elif not data.get("scheduler_running"):
+        click.echo(f"warning: no cron daemon runs on {host}, so the check does not run: start "
+                   "it (`sudo service cron start`)", err=True)
+
+
+@idle_group.command("keep-awake")
+@config_option
+@click.option("--for", "duration", required=True,
+              help="How long the VM stays up at least, e.g. 2h (0 clears it).")
+def idle_keep_awake(config_path: Path | None, duration: str) -> None:
+    """Postpone the stop: the VM stays up for at least this long."""
+    from dev_sync import idle
+
+    seconds = _duration(duration, "--for")
+    assert seconds is not None
+    config = _load(config_path)
+    data = _on_remote(config, lambda m: idle.keep_awake(m, seconds))
+    data["host"] = config.remote.host
+    if seconds:
+        click.echo(f"{config.remote.host} stays up until {_clock(data.get('keep_awake_until'))} "
+                   "at least")
+    else:
+        click.echo(f"{config.remote.host}: keep-awake cleared")
+    click.echo(f"  stop in {_in(data.get('left'))} (at {_clock(data.get('stop_at'))}) "
+               "unless it is used")
 
 
 @cli.group()

@@ -25,6 +25,7 @@ from pydantic import (
 
 from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
+from dev_sync.idle import IdleConfig
 from dev_sync.provision import ProvisionConfig
 from dev_sync.services import ServiceConfig, ServiceName
 
@@ -179,6 +180,7 @@ class Config(_Strict):
     deps: DepsConfig = Field(default_factory=DepsConfig)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
     provision: ProvisionConfig = Field(default_factory=ProvisionConfig)
+    idle: IdleConfig = Field(default_factory=IdleConfig)
     source: Path = Field(default=Path(CONFIG_NAME), exclude=True)
 
     @property

@@ -45,6 +45,7 @@ from dev_sync.events import (
     Watching,
 )
 from dev_sync.forwards import Forward, add_forwards, restore_stale
+from dev_sync.idle import Heartbeat
 from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
 from dev_sync.ssh import SshMaster, Target
@@ -95,6 +96,7 @@ class Engine:
         # The fast path (and its modules) only when it is used: see _connect.
         self.fast: FastPusher | None = None
         self.channel: Channel | None = None
+        self.idle_heartbeat: Heartbeat | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._agent_off = False
@@ -271,6 +273,10 @@ class Engine:
                 )
             return
         self._tasks.append(asyncio.create_task(self._watch()))
+        # Keeps the VM's idle auto-stop away while this session runs (and after
+        # each push); through the agent when there is one.
+        self.idle_heartbeat = Heartbeat(self.channel or self.master)
+        self._tasks.append(asyncio.create_task(self.idle_heartbeat.run()))
         self.reporter.emit(Watching(type(self.watcher).__name__.removesuffix("Watcher").lower(),
                                     self.watcher.watched_dirs))
         await self._loop()
@@ -440,6 +446,8 @@ class Engine:
         if not changes:
             return
         stats = await (self.fast or self.pusher).push(changes)
+        if self.idle_heartbeat is not None:
+            self.idle_heartbeat.pushed()
         self.reporter.emit(
             Pushed(len(batch), stats.files, stats.size, stats.deleted,
                    round(stats.seconds * 1000), tuple(rel for rel, _ in batch.changes[:5]),

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from dev_sync.errors import DevSyncError, SafetyStop
+from dev_sync.idle import ACTIVITY_TOUCH_SH
 from dev_sync.runner import CommandError
 from dev_sync.ssh import SshMaster, classify_ssh_failure
 
@@ -19,7 +20,8 @@ MARKER = ".dev-sync-root"
 MIN_RSYNC = (3, 2, 3)
 
 # $1 = remote root, $2 = "create" | "adopt" | "check", $3 = text for the marker,
-# $4 = the rsync program.
+# $4 = the rsync program. A session starting is use of the machine: the last
+# line marks it for the idle watcher (see dev_sync.idle), never failing the probe.
 _PREPARE = r"""
 root=$1; mode=$2
 printf 'rsync=%s\n' "$("$4" --version 2>/dev/null | head -n 1)"
@@ -35,7 +37,7 @@ case "$mode:$state" in
     mkdir -p -- "$root" && printf '%s\n' "$3" > "$root/.dev-sync-root" && echo created=1 ;;
 esac
 df -Pk -- "$root" 2>/dev/null | awk 'NR==2 {print "free_kb=" $4}'
-"""
+""" + f"({ACTIVITY_TOUCH_SH}) 2>/dev/null || :\n"
 
 
 @dataclass(frozen=True)
