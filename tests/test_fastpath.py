@@ -13,6 +13,7 @@ import pytest
 from driver import Event, Session, json_events
 from helpers import Project, ssh_run, wait_in_sync, wait_until
 
+from dev_sync import deps
 from dev_sync.agent import VERSION, Agent, Channel
 from dev_sync.runner import CommandError
 from dev_sync.ssh import SshMaster, Target
@@ -174,6 +175,19 @@ def test_without_python_on_the_remote_rsync_does_everything(project: Project) ->
         assert not s.of_kind("agent_ready")
 
 
+def _processes_naming(path: Path) -> list[int]:
+    """Processes with ``path`` among their arguments (the sandbox remote is this machine)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(path).encode() in args:
+            found.append(int(pid))
+    return found
+
+
 def _agent_pids(project: Project) -> list[int]:
     """The remote agent's python process (the sandbox remote is this machine)."""
     found = []
@@ -283,6 +297,21 @@ async def test_remote_commands_ride_the_agent(project: Project) -> None:
                                   "mtime_ns": 0}, b"written")
         assert reply.ok and not slow.done()
         assert (await slow).out == "slow\n"
+        # Installs stream through it, merged and as they come; cancelling stops them.
+        lines: list[str] = []
+        result = await deps.stream(master, deps.command_argv(
+            str(project.remote), "", 'echo out; echo err >&2; exit 4'), lines.append, via=channel)
+        assert result.returncode == 4 and lines == ["out", "err"]
+        marker = project.remote / "still-running"
+        long = asyncio.ensure_future(deps.stream(master, deps.command_argv(
+            str(project.remote), "", 'echo started; while :; do touch "$1"; sleep 0.05; done',
+            [str(marker)]), lines.append, via=channel))
+        await asyncio.to_thread(wait_until, marker.exists)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        await asyncio.to_thread(wait_until, lambda: not _processes_naming(marker),
+                                message="the remote command outlived its cancellation")
         await agent.close()
         # A closed agent: the channel falls back to ssh.
         assert (await channel.run(["echo", "fallback"])).out == "fallback\n"

@@ -56,6 +56,7 @@ class Actions:
         # Short commands (records, restarts, status): through the agent when
         # there is one. Installs stream over their own ssh channel.
         self.remote: services.Remote = remote or master
+        self.streamer: deps.Streamer | None = None
         self.rules = rules
         self.reporter = reporter
         self.log_path = log_path
@@ -73,9 +74,10 @@ class Actions:
         self.settle = 3.0
         self._managers: dict[services.ManagerName, services.ProcessManager] | None = None
 
-    def use_remote(self, remote: services.Remote) -> None:
-        """Send short commands through ``remote`` from now on (before any are sent)."""
+    def use_remote(self, remote: services.Remote, streamer: deps.Streamer | None = None) -> None:
+        """Send commands through ``remote`` (installs through ``streamer``) from now on."""
         self.remote = remote
+        self.streamer = streamer
         self._managers = None
 
     @property
@@ -210,7 +212,8 @@ class Actions:
             self._write_log(job.label, line)
             self.reporter.emit(InstallLine(job.label, job.directory, line))
 
-        result = await deps.run_install(self.master, self.remote_root, job, on_line)
+        result = await deps.run_install(self.master, self.remote_root, job, on_line,
+                                        via=self.streamer)
         if result.returncode == 255 and not self.master.alive:
             # The connection dropped, not the install: the reconcile after the
             # reconnect compares the record again and retries it.

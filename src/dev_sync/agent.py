@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -71,6 +71,7 @@ class Reply:
     meta: dict[str, Any]
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
+    on_output: Callable[[bytes], None] | None = None
 
     @property
     def error(self) -> str:
@@ -143,15 +144,21 @@ class Agent:
 
     def send(self, meta: Mapping[str, Any], data: bytes = b"") -> asyncio.Future[Reply]:
         """Queue a request; the future resolves with its acknowledgement."""
+        return self._send(meta, data)[1]
+
+    def _send(
+        self, meta: Mapping[str, Any], data: bytes = b"",
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> tuple[int, asyncio.Future[Reply]]:
         if self.closed.is_set():
             raise AgentLost(self.why())
         ident = self._next
         self._next += 1
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = (future, Reply(False, {}))
+        self._waiting[ident] = (future, Reply(False, {}, on_output=on_output))
         assert self.proc.stdin is not None
         self.proc.stdin.write(frame(REQUEST, ident, dict(meta), data))
-        return future
+        return ident, future
 
     async def flush(self) -> None:
         assert self.proc.stdin is not None
@@ -171,6 +178,22 @@ class Agent:
         return runner.Result(tuple(argv), int(reply.meta.get("code", 1)), bytes(reply.stdout),
                              bytes(reply.stderr))
 
+    async def stream(self, argv: Sequence[str], on_output: Callable[[bytes], None]) -> int:
+        """Run a long command (an install) with its output merged and handed over as it
+        comes. Cancelling closes its stdin on the remote, as a closed ssh channel would."""
+        ident, future = self._send(
+            {"op": "exec", "argv": list(argv), "hold": True, "merge": True},
+            on_output=on_output)
+        await self.flush()
+        try:
+            reply = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(AgentLost, ConnectionError, RuntimeError):
+                self.send({"op": "cancel", "target": ident})
+                await self.flush()
+            raise
+        return int(reply.meta.get("code", 1))
+
     async def _read(self) -> None:
         stream = self.proc.stdout
         assert stream is not None
@@ -185,6 +208,9 @@ class Agent:
                     continue
                 future, reply = entry
                 if kind == OUTPUT:
+                    if reply.on_output is not None:
+                        reply.on_output(data)
+                        continue
                     target = reply.stderr if meta.get("stream") == "stderr" else reply.stdout
                     target += data
                 elif kind == ACK:
@@ -254,3 +280,15 @@ class Channel:
                                               result.stderr)
                 return result
         return await self.master.run(remote_argv, check=check, input=input)
+
+    async def stream(
+        self, remote_argv: Sequence[str], on_output: Callable[[bytes], None]
+    ) -> int | None:
+        agent = self.agent
+        if agent is None or agent.closed.is_set():
+            return None
+        try:
+            return await agent.stream(remote_argv, on_output)
+        except AgentLost:
+            return 255  # like ssh with its connection gone: the install is retried
+

@@ -49,7 +49,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -664,48 +664,79 @@ class StreamResult:
     tail: tuple[str, ...]
 
 
-async def stream(
-    master: SshMaster, remote_argv: Sequence[str], on_line: Callable[[str], None]
-) -> StreamResult:
-    """Run ``remote_argv`` over the master and hand its output to ``on_line`` line by line.
+class Streamer(Protocol):
+    """Runs a remote command and hands its output over as it comes (the agent's channel)."""
 
+    async def stream(
+        self, remote_argv: Sequence[str], on_output: Callable[[bytes], None]
+    ) -> int | None:
+        """The exit code, or None when it cannot run the command (then ssh does)."""
+        ...
+
+
+class _Lines:
+    """Cuts streamed output into lines; a line redrawn with \\r counts as its last state."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.buf = b""
+
+    def emit(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        text = text.rsplit("\r", 1)[-1][:_MAX_LINE]
+        self.tail.append(text)
+        self.on_line(text)
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            self.emit(line)
+        if len(self.buf) > _MAX_LINE:  # a line that never ends: keep only its last redraw
+            cut = self.buf.rfind(b"\r")
+            self.buf = self.buf[cut + 1:] if cut >= 0 else self.buf
+            if len(self.buf) > _MAX_LINE:
+                self.emit(self.buf)
+                self.buf = b""
+
+    def close(self) -> None:
+        if self.buf:
+            self.emit(self.buf)
+            self.buf = b""
+
+
+async def stream(
+    master: SshMaster, remote_argv: Sequence[str], on_line: Callable[[str], None],
+    *, via: Streamer | None = None,
+) -> StreamResult:
+    """Run ``remote_argv`` on the remote and hand its output to ``on_line`` line by line.
+
+    Through ``via`` (the agent) when it can, else over the master.
     stdout and stderr are merged; a progress line redrawn with carriage
     returns is reported as its last state. A missing tool or a lost
     connection end as a non-zero result (255 with a dead master is the
-    connection), never as an exception. Cancelling stops the local ssh, whose
-    closed stdin stops a command started by :func:`command_argv` on the remote.
+    connection), never as an exception. Cancelling closes the command's
+    stdin, which stops a command started by :func:`command_argv` on the remote.
     """
     started = time.monotonic()
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-
-    def emit(raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        text = text.rsplit("\r", 1)[-1][:_MAX_LINE]
-        tail.append(text)
-        on_line(text)
-
+    lines = _Lines(on_line)
+    if via is not None:
+        code = await via.stream(remote_argv, lines.feed)
+        if code is not None:
+            lines.close()
+            return StreamResult(code, time.monotonic() - started, tuple(lines.tail))
     argv = master.command(remote_argv)
     try:
         proc = await runner.start(argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
     except runner.CommandError as exc:  # no ssh binary
-        emit(exc.stderr)
-        return StreamResult(exc.returncode, time.monotonic() - started, tuple(tail))
+        lines.emit(exc.stderr)
+        return StreamResult(exc.returncode, time.monotonic() - started, tuple(lines.tail))
     assert proc.stdout is not None
     try:
-        buf = b""
         while chunk := await proc.stdout.read(65536):
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                emit(line)
-            if len(buf) > _MAX_LINE:  # a line that never ends: keep only its last redraw
-                cut = buf.rfind(b"\r")
-                buf = buf[cut + 1:] if cut >= 0 else buf
-                if len(buf) > _MAX_LINE:
-                    emit(buf)
-                    buf = b""
-        if buf:
-            emit(buf)
+            lines.feed(chunk)
+        lines.close()
         code = await proc.wait()
     except BaseException:
         await runner.terminate(proc)
@@ -713,11 +744,12 @@ async def stream(
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
-    return StreamResult(code, time.monotonic() - started, tuple(tail))
+    return StreamResult(code, time.monotonic() - started, tuple(lines.tail))
 
 
 async def run_install(
-    master: SshMaster, remote_root: str, job: InstallJob, on_line: Callable[[str], None]
+    master: SshMaster, remote_root: str, job: InstallJob, on_line: Callable[[str], None],
+    *, via: Streamer | None = None,
 ) -> InstallResult:
     """Run ``job`` on the remote and stream its output (stdout and stderr merged).
 
@@ -727,7 +759,7 @@ async def run_install(
     dead master is the connection), never as an exception. Cancelling stops
     the remote command too.
     """
-    result = await stream(master, install_argv(remote_root, job), on_line)
+    result = await stream(master, install_argv(remote_root, job), on_line, via=via)
     return InstallResult(job, result.returncode, result.duration, result.tail)
 
 

@@ -349,7 +349,7 @@ class Engine:
         self.fast = FastPusher(self.pusher, lambda: self.rules,
                                max_bytes=self.config.sync.agent_max_bytes)
         self.channel = Channel(self.master)
-        self.actions.use_remote(self.channel)
+        self.actions.use_remote(self.channel, self.channel)
 
     async def _keep_remote_edits(self) -> None:
         """rsync would overwrite files edited on the VM since the agent last saw them:

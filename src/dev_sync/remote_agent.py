@@ -101,6 +101,7 @@ class Agent:
         self.known = False  # a snapshot was taken: unknown files are the VM's own
         self.stamp = ""
         self.dirty = False
+        self.running: Dict[int, subprocess.Popen[bytes]] = {}
         self.record_path = os.path.join(self.root, INTERNAL, "record.json")
 
     # -- plumbing ------------------------------------------------------------
@@ -412,11 +413,13 @@ class Agent:
 
     def _exec(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
         argv = meta["argv"]
+        hold = bool(meta.get("hold"))  # stdin stays open until a cancel, as over ssh
         try:
             proc = subprocess.Popen(
                 argv, cwd=meta.get("cwd") or None,
-                stdin=subprocess.PIPE if data else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdin=subprocess.PIPE if data or hold else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if meta.get("merge") else subprocess.PIPE,
                 env=dict(os.environ, **meta.get("env", {})),
             )
         except OSError as exc:
@@ -432,22 +435,49 @@ class Agent:
                 assert proc.stdin is not None
                 try:
                     proc.stdin.write(data)
-                    proc.stdin.close()
+                    if not hold:
+                        proc.stdin.close()
+                    else:
+                        proc.stdin.flush()
                 except OSError:
                     pass
 
             threading.Thread(target=feed, daemon=True).start()
+        self.running[ident] = proc
 
         def pump(stream: IO[bytes], name: str) -> None:
             for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
                 self.send(OUTPUT, ident, {"stream": name}, chunk)
 
-        assert proc.stdout is not None and proc.stderr is not None
-        err = threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)
-        err.start()
+        assert proc.stdout is not None
+        err = None
+        if proc.stderr is not None:
+            err = threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)
+            err.start()
         pump(proc.stdout, "stdout")
-        err.join()
-        self.send(ACK, ident, {"ok": True, "code": proc.wait()})
+        if err is not None:
+            err.join()
+        code = proc.wait()
+        self.running.pop(ident, None)
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        self.send(ACK, ident, {"ok": True, "code": code})
+
+    def op_cancel(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Stop a running command the way a closed ssh channel would: close its stdin."""
+        proc = self.running.get(meta["target"])
+        if proc is not None:
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            else:
+                proc.terminate()
+        return {"found": proc is not None}
 
     # -- the record on disk ----------------------------------------------------
     # Kept in the remote root so the next session (after a reconnect, or the
