@@ -24,6 +24,7 @@ class Harness:
     def __call__(self, data: bytes = b"", /, **meta: Any) -> dict[str, Any]:
         self.n += 1
         self.agent.handle(self.n, meta, data)
+        self.agent.release()
         self.out.seek(0)
         kind, ident, reply, _ = read_frame(self.out)
         self.out.seek(0)
@@ -100,7 +101,7 @@ def test_delete_of_a_non_empty_folder_is_left_to_rsync(h: Harness) -> None:
 def test_remote_edit_is_moved_aside_before_overwrite_and_delete(h: Harness) -> None:
     h.write("a.txt", b"synced")
     h.write("b.txt", b"synced")
-    h(op="snapshot", dirs=[""])
+    assert h(op="snapshot", entries=["a.txt", "b.txt", "gone.txt"])["entries"] == 2
     (h.root / "a.txt").write_bytes(b"edited on the VM")
     reply = h.write("a.txt", b"local")
     kept = h.root / reply["conflict"]
@@ -117,14 +118,14 @@ def test_remote_edit_is_moved_aside_before_overwrite_and_delete(h: Harness) -> N
 
 
 def test_a_file_created_on_the_vm_after_the_snapshot_is_kept(h: Harness) -> None:
-    h(op="snapshot", dirs=[""])
+    assert h(op="snapshot", entries=[])["ok"]
     (h.root / "new.txt").write_bytes(b"made on the VM")
     reply = h.write("new.txt", b"made locally")
     assert (h.root / reply["conflict"]).read_bytes() == b"made on the VM"
 
 
 def test_files_rsync_wrote_are_not_conflicts_after_restat(h: Harness) -> None:
-    h(op="snapshot", dirs=[""])
+    assert h(op="snapshot", entries=[])["ok"]
     (h.root / "big.bin").write_bytes(b"by rsync")
     h(op="restat", paths=["big.bin"], recursive=False)
     assert "conflict" not in h.write("big.bin", b"by the agent")
@@ -171,3 +172,30 @@ def test_os_errors_come_back_per_path(h: Harness) -> None:
     assert not reply["ok"]
     reply = h(b"", op="write", path="g", mode=0o644)  # no mtime: a bad request, not a crash
     assert not reply["ok"] and "bad request" in reply["error"]
+
+
+def test_the_record_outlives_the_agent_and_finds_edits_made_meanwhile(h: Harness) -> None:
+    for name in ("kept.txt", "edited.txt", "deleted.txt"):
+        h.write(name, b"synced")
+    h(op="snapshot", entries=["kept.txt", "edited.txt", "deleted.txt"])
+    h.agent.save()
+    # dev-sync is gone; someone works on the VM.
+    (h.root / "edited.txt").write_bytes(b"changed on the VM")
+    (h.root / "deleted.txt").unlink()
+    later = Harness(h.root)
+    later.agent.load()
+    assert later(op="changed")["paths"] == ["edited.txt"]
+    kept = later(op="keep", paths=["edited.txt"])["kept"]
+    assert [rel for rel, _ in kept] == ["edited.txt"]
+    assert (h.root / kept[0][1]).read_bytes() == b"changed on the VM"
+    assert not (h.root / "edited.txt").exists()
+    assert (h.root / "kept.txt").read_bytes() == b"synced"
+
+
+def test_answers_are_held_until_the_input_runs_dry(h: Harness) -> None:
+    h.agent.handle(1, {"op": "ping"}, b"")
+    h.agent.handle(2, {"op": "ping"}, b"")
+    assert h.out.getvalue() == b""
+    h.agent.release()
+    h.out.seek(0)
+    assert [read_frame(h.out)[1] for _ in range(2)] == [1, 2]

@@ -197,29 +197,22 @@ class Agent:
     async def _read(self) -> None:
         stream = self.proc.stdout
         assert stream is not None
+        buf = bytearray()
         try:
-            while True:
-                head = await stream.readexactly(HEADER.size)
-                kind, ident, meta_len, data_len = HEADER.unpack(head)
-                meta = decode_meta(await stream.readexactly(meta_len))
-                data = await stream.readexactly(data_len) if data_len else b""
-                entry = self._waiting.get(ident)
-                if entry is None:
-                    continue
-                future, reply = entry
-                if kind == OUTPUT:
-                    if reply.on_output is not None:
-                        reply.on_output(data)
-                        continue
-                    target = reply.stderr if meta.get("stream") == "stderr" else reply.stdout
-                    target += data
-                elif kind == ACK:
-                    del self._waiting[ident]
-                    reply.ok = bool(meta.get("ok"))
-                    reply.meta = meta
-                    if not future.done():
-                        future.set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            while chunk := await stream.read(1 << 20):
+                buf += chunk
+                pos = 0
+                while len(buf) - pos >= HEADER.size:
+                    kind, ident, meta_len, data_len = HEADER.unpack_from(buf, pos)
+                    start = pos + HEADER.size
+                    end = start + meta_len + data_len
+                    if len(buf) < end:
+                        break
+                    self._deliver(kind, ident, decode_meta(bytes(buf[start:start + meta_len])),
+                                  bytes(buf[start + meta_len:end]))
+                    pos = end
+                del buf[:pos]
+        except (ConnectionError, ValueError):
             pass
         finally:
             self.closed.set()
@@ -227,6 +220,23 @@ class Agent:
                 if not future.done():
                     future.set_exception(AgentLost(self.why() or "the agent exited"))
             self._waiting.clear()
+
+    def _deliver(self, kind: int, ident: int, meta: dict[str, Any], data: bytes) -> None:
+        entry = self._waiting.get(ident)
+        if entry is None:
+            return
+        future, reply = entry
+        if kind == OUTPUT:
+            if reply.on_output is not None:
+                reply.on_output(data)
+            else:
+                (reply.stderr if meta.get("stream") == "stderr" else reply.stdout).extend(data)
+        elif kind == ACK:
+            del self._waiting[ident]
+            reply.ok = bool(meta.get("ok"))
+            reply.meta = meta
+            if not future.done():
+                future.set_result(reply)
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None

@@ -47,13 +47,20 @@ from dev_sync.events import (
 from dev_sync.forwards import Forward, add_forwards, restore_stale
 from dev_sync.idle import Heartbeat
 from dev_sync.ignore import RuleSet, walk_dirs
-from dev_sync.pusher import ConnectionLost, DeleteGuard, Progress, RsyncPusher, local_rsync_version
+from dev_sync.pusher import (
+    ConnectionLost,
+    DeleteGuard,
+    Progress,
+    RsyncPusher,
+    Stats,
+    local_rsync_version,
+)
 from dev_sync.ssh import SshMaster, Target
 from dev_sync.watcher import Watcher, make_watcher
 
 if TYPE_CHECKING:
     from dev_sync.agent import Agent, Channel
-    from dev_sync.fastpath import FastPusher
+    from dev_sync.fastpath import FastPusher, Sent
 
 T = TypeVar("T")
 
@@ -97,6 +104,7 @@ class Engine:
         self.fast: FastPusher | None = None
         self.channel: Channel | None = None
         self.idle_heartbeat: Heartbeat | None = None
+        self._inflight: tuple[Batch, list[tuple[str, bool]], Sent] | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._agent_off = False
@@ -391,6 +399,7 @@ class Engine:
                                       round((time.monotonic() - started) * 1000)))
 
     async def _drop_agent(self) -> None:
+        self._forget_inflight()
         for task in (self._agent_task, self._heartbeat_task):
             if task is not None:
                 task.cancel()
@@ -445,7 +454,35 @@ class Engine:
         changes = [(rel, rec) for rel, rec in batch.changes if self._included(rel)]
         if not changes:
             return
-        stats = await (self.fast or self.pusher).push(changes)
+        sent = await self.fast.send(changes) if self.fast is not None else None
+        if sent is None:
+            await self._settle()
+            stats = await (self.fast or self.pusher).push(changes)
+            self._pushed(batch, changes, stats)
+            return
+        if sent.by_rsync or not sent.futures:
+            # rsync has work in it: nothing may overtake that.
+            await self._settle()
+            await self._finish((batch, changes, sent))
+            return
+        # Pipelined: this batch is on its way before the previous one's answers
+        # are collected, so a burst costs about one round trip, not one per batch.
+        previous, self._inflight = self._inflight, (batch, changes, sent)
+        if previous is not None:
+            await self._finish(previous)
+
+    async def _finish(self, inflight: tuple[Batch, list[tuple[str, bool]], Sent]) -> None:
+        batch, changes, sent = inflight
+        assert self.fast is not None
+        self._pushed(batch, changes, await self.fast.finish(sent))
+
+    async def _settle(self) -> None:
+        """Collect the batch still in flight (before a reconcile, or once it has landed)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await self._finish(inflight)
+
+    def _pushed(self, batch: Batch, changes: list[tuple[str, bool]], stats: Stats) -> None:
         if self.idle_heartbeat is not None:
             self.idle_heartbeat.pushed()
         self.reporter.emit(
@@ -460,10 +497,18 @@ class Engine:
         self.actions.after_push(changes)
 
     async def _next(self) -> Batch | None:
-        """The next batch, or None when the connection dropped first."""
+        """The next batch; ``_LANDED`` when the batch in flight has its answers; None
+        when the connection dropped first."""
         if self._lost.is_set():
             return None
-        return await _first(self.batcher.next_batch(), self._lost.wait())
+        if self._inflight is None:
+            return await _first(self.batcher.next_batch(), self._lost.wait())
+        futures = self._inflight[2].futures
+        batch = await _first(self.batcher.next_batch(),
+                             _either(asyncio.wait(futures), self._lost.wait()))
+        if batch is None and not self._lost.is_set():
+            return _LANDED
+        return batch
 
     async def _loop(self) -> None:
         retry_full = False
@@ -472,32 +517,48 @@ class Engine:
             if batch is None:
                 await self._recover(self.master.last_error() or "connection closed")
                 continue
-            if retry_full and not batch.full:
+            if retry_full and not batch.full and batch is not _LANDED:
                 # The reconcile covers this batch's changes too. Requeueing
                 # them instead would retry at once, in a loop, while the
                 # cause (a full disk) lasts: the next change retries.
                 batch = Batch((), full=True, reasons=("retry after an error",))
             retry_full = False
             try:
-                if batch.full:
+                if batch is _LANDED:
+                    await self._settle()
+                elif batch.full:
+                    await self._settle()
                     await self._reconcile(batch.reasons)
                 else:
                     await self._push(batch)
             except AgentLost:
                 # Part of the batch may have landed: a reconcile settles it,
                 # and restarts the agent (or finds the connection gone).
-                self.batcher.requeue(batch)
+                self._forget_inflight()
+                if batch is not _LANDED:
+                    self.batcher.requeue(batch)
                 self.batcher.request_full("the remote agent stopped")
             except ConnectionLost as exc:
-                self.batcher.requeue(batch)
+                self._forget_inflight()
+                if batch is not _LANDED:
+                    self.batcher.requeue(batch)
                 await self._recover(str(exc))
             except SafetyStop:
                 raise
             except DevSyncError as exc:
                 # Disk full, permissions...: report, keep watching, and retry
                 # everything with a reconcile on the next change.
+                self._forget_inflight()
                 self.reporter.emit(Problem(exc.cause, exc.fix or "", level="error"))
                 retry_full = True
+
+    def _forget_inflight(self) -> None:
+        """A reconcile redoes the batch in flight: drop it without waiting."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            from dev_sync.fastpath import forget
+
+            forget(inflight[2].futures)
 
     async def _recover(self, reason: str) -> None:
         """Offline until the remote answers again, then reconcile everything."""
@@ -520,6 +581,21 @@ class Engine:
 def _read_rules(rules: RuleSet) -> None:
     for _ in walk_dirs(rules):  # loads every .gitignore on the way
         pass
+
+
+_LANDED = Batch((), reasons=("landed",))
+"""Not a batch: the batch in flight has all its answers (see Engine._next)."""
+
+
+async def _either(a: Awaitable[object], b: Awaitable[object]) -> None:
+    """Return when either is done (cancelling the other)."""
+    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    try:
+        await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (ta, tb):
+            if not t.done():
+                t.cancel()
 
 
 async def _first(a: Awaitable[T], b: Awaitable[object]) -> T | None:

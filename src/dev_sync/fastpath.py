@@ -38,11 +38,32 @@ SMALL_TREE_ENTRIES = 200
 HASH_MEMORY = 50_000
 
 
+def forget(futures: Sequence[asyncio.Future[Reply]]) -> None:
+    """The batch is redone by a reconcile: its answers will never come."""
+    for f in futures:
+        if not f.done():
+            f.cancel()
+        elif not f.cancelled():
+            f.exception()
+
+
 @dataclass(frozen=True)
 class _Op:
     rel: str
     kind: str           # write | place | symlink | mkdir | delete | move_dir
     size: int = 0
+
+
+@dataclass
+class Sent:
+    """A batch whose agent part is on its way; :meth:`FastPusher.finish` completes it."""
+
+    agent: Agent
+    plan: list[tuple[_Op, dict[str, object], bytes]]
+    futures: list[asyncio.Future[Reply]]
+    by_rsync: dict[str, bool]
+    started: float
+    sequence: int
 
 
 def _hash(data: bytes) -> str:
@@ -63,6 +84,7 @@ class FastPusher:
         self.rules = rules
         self.max_bytes = max_bytes
         self.agent: Agent | None = None
+        self._sends = 0
         # Where the remote holds a given content, as last written by the agent:
         # a copied file is then copied there instead of sent.
         self._where: dict[str, str] = {}
@@ -101,11 +123,23 @@ class FastPusher:
     # -- one batch -----------------------------------------------------------
 
     async def push(self, changes: Sequence[tuple[str, bool]]) -> Stats:
+        """Send one batch and wait until all of it has landed."""
+        sent = await self.send(changes)
+        if sent is None:
+            return await self.rsync.push(changes)
+        return await self.finish(sent)
+
+    async def send(self, changes: Sequence[tuple[str, bool]]) -> Sent | None:
+        """Plan a batch and stream its agent part, without waiting for the answers.
+
+        The engine sends the next batch before it collects this one's answers
+        (:meth:`finish`), so a burst is not a round trip per batch. None when
+        there is no agent: then rsync does it all.
+        """
         agent = self.agent
         if agent is None:
-            return await self.rsync.push(changes)
+            return None
         started = time.monotonic()
-        stats = Stats(via="agent")
         wanted: dict[str, bool] = {}
         for rel, recursive in changes:
             if rel:
@@ -115,7 +149,17 @@ class FastPusher:
         deletions = sum(1 for op, _, _ in plan if op.kind == "delete")
         if deletions:
             self.rsync.guard.check(deletions, self.rsync.remote_total)
-        replies = await self._send(agent, plan)
+        futures = [agent.send(meta, data) for _op, meta, data in plan]
+        self._sends += 1
+        await self._flush(agent, futures)
+        return Sent(agent, plan, futures, by_rsync, started, self._sends)
+
+    async def finish(self, sent: Sent) -> Stats:
+        """Collect a sent batch's answers, then do with rsync what the agent could not."""
+        agent, plan = sent.agent, sent.plan
+        by_rsync = sent.by_rsync
+        stats = Stats(via="agent")
+        replies = await self._replies(sent.futures)
         failures: list[tuple[str, Reply]] = []
         retry: list[tuple[_Op, dict[str, object], bytes]] = []
         moved_dirs: list[str] = []
@@ -138,7 +182,10 @@ class FastPusher:
                 failures.append((op.rel, reply))
         retry = [r for r in retry if r[0].kind != "skip"]
         if retry:
-            for (op, meta, _data), reply in zip(retry, await self._send(agent, retry),
+            futures = [agent.send(meta, data) for _op, meta, data in retry]
+            self._sends += 1
+            await self._flush(agent, futures)
+            for (op, meta, _data), reply in zip(retry, await self._replies(futures),
                                                 strict=True):
                 if reply.ok:
                     self._count(op, meta, reply, stats)
@@ -151,6 +198,10 @@ class FastPusher:
             # The moved folder is checked against the local one: cheap when it matched.
             by_rsync[rel] = True
         if by_rsync:
+            if self._sends != sent.sequence:
+                # A later batch is on its way to the agent: it lands first, so
+                # rsync (which sends the files as they are now) has the last word.
+                await self._replies([agent.send({"op": "ping"})], flush=agent)
             more = await self.rsync.push(list(by_rsync.items()))
             stats.files += more.files
             stats.size += more.size
@@ -161,7 +212,7 @@ class FastPusher:
                 paths = [r for r, rec in by_rsync.items() if rec is recursive]
                 if paths:
                     await agent.call({"op": "restat", "paths": paths, "recursive": recursive})
-        stats.seconds = time.monotonic() - started
+        stats.seconds = time.monotonic() - sent.started
         if failures:
             raise _failure(failures, self.rsync.master.target.label, self.rsync.remote_root)
         return stats
@@ -181,19 +232,22 @@ class FastPusher:
         if isinstance(conflict, str):
             stats.conflicts.append((op.rel, conflict))
 
-    async def _send(
-        self, agent: Agent, plan: Sequence[tuple[_Op, dict[str, object], bytes]]
+    async def _flush(self, agent: Agent, futures: list[asyncio.Future[Reply]]) -> None:
+        try:
+            await agent.flush()
+        except AgentLost:
+            forget(futures)
+            raise
+
+    async def _replies(
+        self, futures: list[asyncio.Future[Reply]], flush: Agent | None = None
     ) -> list[Reply]:
-        futures = [agent.send(meta, data) for _op, meta, data in plan]
-        await agent.flush()
+        if flush is not None:
+            await self._flush(flush, futures)
         try:
             return list(await asyncio.gather(*futures))
         except AgentLost:
-            for f in futures:
-                if not f.done():
-                    f.cancel()
-                elif not f.cancelled():
-                    f.exception()  # retrieved: the batch is requeued as a whole
+            forget(futures)
             raise
 
     # -- planning ------------------------------------------------------------
@@ -284,7 +338,9 @@ class FastPusher:
         if not stat.S_ISREG(st.st_mode) or len(data) > self.max_bytes:
             return (_Op(rel, "skip"), {}, b"")
         meta: dict[str, object] = {"op": "write", "path": rel, "mode": stat.S_IMODE(st.st_mode),
-                                   "mtime_ns": st.st_mtime_ns, "hash": _hash(data)}
+                                   "mtime_ns": st.st_mtime_ns}
+        if len(data) > SEND_ANYWAY:  # worth finding again on the remote: see _file_op
+            meta["hash"] = _hash(data)
         return (_Op(rel, "write", len(data)), meta, data)
 
     def _file_op(self, rel: str, gone: Sequence[str]) -> tuple[_Op, dict[str, object], bytes]:

@@ -96,6 +96,7 @@ class Agent:
         self.root = root.rstrip("/") or "/"
         self.out = out
         self.lock = threading.Lock()
+        self.held = bytearray()
         self.record: Dict[str, Signature] = {}
         self.hashes: Dict[str, str] = {}
         self.known = False  # a snapshot was taken: unknown files are the VM's own
@@ -107,9 +108,24 @@ class Agent:
     # -- plumbing ------------------------------------------------------------
 
     def send(self, kind: int, ident: int, meta: Dict[str, Any], data: bytes = b"") -> None:
+        """Write a frame now (from any thread)."""
         with self.lock:
-            self.out.write(frame(kind, ident, meta, data))
+            self.out.write(bytes(self.held) + frame(kind, ident, meta, data))
+            self.held.clear()
             self.out.flush()
+
+    def hold(self, kind: int, ident: int, meta: Dict[str, Any]) -> None:
+        """Queue an answer; the loop writes all it holds once the input runs dry, so a
+        pipelined batch gets its answers in a few writes instead of one per file."""
+        with self.lock:
+            self.held += frame(kind, ident, meta)
+
+    def release(self) -> None:
+        with self.lock:
+            if self.held:
+                self.out.write(bytes(self.held))
+                self.held.clear()
+                self.out.flush()
 
     def path(self, rel: str) -> str:
         """The absolute path for ``rel``, refusing anything that leaves the root."""
@@ -532,16 +548,31 @@ class Agent:
                      "error": exc.strerror or str(exc)}
         except (KeyError, TypeError, ValueError) as exc:
             reply = {"ok": False, "refused": True, "error": "bad request: %s" % exc}
-        self.send(ACK, ident, reply)
+        self.hold(ACK, ident, reply)
 
-    def serve(self, stream: BinaryIO) -> None:
+    def serve(self, fd: int) -> None:
+        # Read from the descriptor itself: the client sends nothing before our
+        # hello, so no request can sit in sys.stdin's buffer from the bootstrap.
+        buf = bytearray()
         while True:
-            try:
-                kind, ident, meta, data = read_frame(stream)
-            except EOFError:
+            pos = 0
+            while len(buf) - pos >= HEADER.size:
+                kind, ident, meta_len, data_len = HEADER.unpack_from(buf, pos)
+                start = pos + HEADER.size
+                end = start + meta_len + data_len
+                if len(buf) < end:
+                    break
+                meta = decode_meta(bytes(buf[start:start + meta_len]))
+                data = bytes(buf[start + meta_len:end])
+                pos = end
+                if kind == REQUEST:
+                    self.handle(ident, meta, data)
+            del buf[:pos]
+            self.release()
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
                 return
-            if kind == REQUEST:
-                self.handle(ident, meta, data)
+            buf += chunk
 
 
 def _lstat(path: str) -> Optional[os.stat_result]:
@@ -575,7 +606,7 @@ def main(argv: List[str]) -> int:
     stop = threading.Event()
     threading.Thread(target=agent.saver, args=(stop,), daemon=True).start()
     try:
-        agent.serve(sys.stdin.buffer)
+        agent.serve(sys.stdin.fileno())
     finally:
         stop.set()
         agent.save()
