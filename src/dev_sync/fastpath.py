@@ -262,9 +262,10 @@ class FastPusher:
         gone_files: list[str] = []
         gone_dirs: list[str] = []
         new_dirs: list[str] = []
+        base = str(root)
         for rel, recursive in wanted.items():
             try:
-                st = os.lstat(root / rel)
+                st = os.lstat(os.path.join(base, rel))
             except (FileNotFoundError, NotADirectoryError):
                 parent = posixpath.dirname(rel)
                 if recursive:
@@ -328,15 +329,28 @@ class FastPusher:
                  "mtime_ns": st.st_mtime_ns}, b"")
 
     def _write_op(self, rel: str) -> tuple[_Op, dict[str, object], bytes]:
-        path = self.local_root / rel
+        # Never follow a symlink, never block on a fifo that took the file's place.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with open(path, "rb") as handle:
-                st = os.fstat(handle.fileno())
-                data = handle.read(self.max_bytes + 1)
+            fd = os.open(os.path.join(self.local_root, rel), flags)
         except OSError:
             return (_Op(rel, "skip"), {}, b"")  # gone again: its own event follows
-        if not stat.S_ISREG(st.st_mode) or len(data) > self.max_bytes:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.max_bytes:
+                return (_Op(rel, "skip"), {}, b"")
+            chunks = []
+            left = self.max_bytes + 1
+            while left > 0 and (chunk := os.read(fd, min(left, max(st.st_size, 1 << 16)))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+        except OSError:
             return (_Op(rel, "skip"), {}, b"")
+        finally:
+            os.close(fd)
+        if len(data) > self.max_bytes:
+            return (_Op(rel, "skip"), {}, b"")  # grew past the limit: the next event sends it
         meta: dict[str, object] = {"op": "write", "path": rel, "mode": stat.S_IMODE(st.st_mode),
                                    "mtime_ns": st.st_mtime_ns}
         if len(data) > SEND_ANYWAY:  # worth finding again on the remote: see _file_op
