@@ -13,6 +13,7 @@ used the address the cloud reported.
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import subprocess
 import sys
@@ -36,11 +37,12 @@ from helpers import Project, TomlValue, free_port, toml_value
 from moto.backends import get_backend
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.server import ThreadedMotoServer
+from rich.console import Console
 
 from dev_sync import cloud, prestart
 from dev_sync.config import CloudConfig, load_config
 from dev_sync.errors import CloudError, ConfigError
-from dev_sync.events import Event, VmState
+from dev_sync.events import ConsoleReporter, Event, VmState
 from dev_sync.sandbox import SandboxInfo, client_config_lines
 from dev_sync.target import Target
 
@@ -603,6 +605,21 @@ def test_every_aws_failure_has_a_cause_and_a_fix(
     assert "Encoded authorization failure" not in error.cause
 
 
+def test_a_terminal_gets_a_spinner_that_always_stops(ec2: Any, aws: str, tmp_path: Path) -> None:
+    screen = io.StringIO()
+    reporter = ConsoleReporter(Console(file=screen, force_terminal=True, width=100))
+    instance_id = launch(ec2)
+    config = load_config(plain_config(tmp_path, aws, instance_id=instance_id))
+    cloud.stop(config, reporter)
+    assert reporter._spinner is None and f"{instance_id} is stopped" in screen.getvalue()
+
+    set_state(instance_id, "pending")  # it never finishes booting
+    timeout = load_config(plain_config(tmp_path, aws, instance_id=instance_id, wake_timeout=1))
+    with pytest.raises(CloudError):
+        cloud.ensure_running(timeout, reporter)
+    assert reporter._spinner is None  # stopped, so the terminal gets its cursor back
+
+
 # --------------------------------------------------------------------------
 # Waking a VM, against the sandbox sshd
 
@@ -706,4 +723,5 @@ def test_up_gives_up_when_ssh_never_answers(ec2: Any, aws: str, project: Project
     assert result.returncode == 1, result.stderr
     assert f"ssh on 127.0.0.1:{closed} did not answer within 2 s" in result.stderr
     assert "security group" in result.stderr
-    assert json_events(result.stdout)[-1]["step"] == "ssh"
+    steps = [e["step"] for e in json_events(result.stdout)]
+    assert steps[-2:] == ["ssh", "failed"]

@@ -375,6 +375,32 @@ def wait_for_ssh(target: Target, instance_id: str, deadline: float, timeout: flo
 # What the commands call
 
 
+class _Progress:
+    """Reports each step of a wait, and always a last one.
+
+    Whatever ends the wait (done, a timeout, Ctrl-C), the reporter hears a
+    closing step, so a spinner on the terminal stops and a tool reading
+    JSON events knows the wait is over.
+    """
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.began = time.monotonic()
+        self.last: Instance | None = None
+
+    def __call__(self, instance: Instance, step: str, address: str = "") -> None:
+        self.last = instance
+        self.reporter.emit(VmState(instance.instance_id, instance.state, step, address,
+                                   round(time.monotonic() - self.began, 1)))
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None and self.last is not None:
+            self(self.last, "failed")
+
+
 def ensure_running(config: Config, reporter: Reporter) -> Config:
     """Wake the environment's VM if needed and return the config that reaches it now.
 
@@ -387,35 +413,30 @@ def ensure_running(config: Config, reporter: Reporter) -> Config:
     cloud = config.remote.cloud
     if cloud is None:
         return config
-    began = time.monotonic()
-    deadline = began + cloud.wake_timeout
     provider = provider_for(cloud, _where(config))
-
-    def report(instance: Instance, step: str, address: str = "") -> None:
-        reporter.emit(VmState(instance.instance_id, instance.state, step, address,
-                              round(time.monotonic() - began, 1)))
-
-    instance = provider.describe()
-    woke = False
-    if instance.state == STOPPING:
-        report(instance, "waiting")
-        instance = wait_for_state(provider, STOPPED, deadline, cloud.wake_timeout,
-                                  lambda i: report(i, "waiting"))
-    if instance.state == STOPPED:
-        report(instance, "starting")
-        provider.start(instance.instance_id)
-        woke = True
-    if instance.state != RUNNING:
-        woke = True
-        instance = wait_for_state(provider, RUNNING, deadline, cloud.wake_timeout,
-                                  lambda i: report(i, "waiting"))
-    address = _address(instance, cloud, config)
-    config = config.model_copy(update={"remote": config.remote.with_cloud_address(address)})
-    if woke:
-        report(instance, "ssh", address)
-        wait_for_ssh(Target.from_config(config), instance.instance_id, deadline,
-                     cloud.wake_timeout, lambda: report(instance, "ssh", address))
-    report(instance, "ready", address)
+    with _Progress(reporter) as report:
+        deadline = report.began + cloud.wake_timeout
+        instance = provider.describe()
+        woke = False
+        if instance.state == STOPPING:
+            report(instance, "waiting")
+            instance = wait_for_state(provider, STOPPED, deadline, cloud.wake_timeout,
+                                      lambda i: report(i, "waiting"))
+        if instance.state == STOPPED:
+            report(instance, "starting")
+            provider.start(instance.instance_id)
+            woke = True
+        if instance.state != RUNNING:
+            woke = True
+            instance = wait_for_state(provider, RUNNING, deadline, cloud.wake_timeout,
+                                      lambda i: report(i, "waiting"))
+        address = _address(instance, cloud, config)
+        config = config.model_copy(update={"remote": config.remote.with_cloud_address(address)})
+        if woke:
+            report(instance, "ssh", address)
+            wait_for_ssh(Target.from_config(config), instance.instance_id, deadline,
+                         cloud.wake_timeout, lambda: report(instance, "ssh", address))
+        report(instance, "ready", address)
     return config
 
 
@@ -459,27 +480,22 @@ def start(config: Config, reporter: Reporter) -> Config:
 def stop(config: Config, reporter: Reporter) -> Instance:
     """Stop the VM and wait until it is stopped (a stopping VM cannot be started)."""
     cloud = _cloud(config)
-    began = time.monotonic()
-    deadline = began + cloud.wake_timeout
     provider = provider_for(cloud, _where(config))
-
-    def report(instance: Instance, step: str) -> None:
-        reporter.emit(VmState(instance.instance_id, instance.state, step, "",
-                              round(time.monotonic() - began, 1)))
-
-    instance = provider.describe()
-    if instance.state in GONE:
-        raise CloudError(f"{instance.instance_id} is {instance.state}",
-                         "point [cloud] at a live instance")
-    if instance.state != STOPPED:
-        if instance.state == PENDING:
-            # EC2 refuses to stop a VM that is still starting.
-            instance = wait_for_state(provider, RUNNING, deadline, cloud.wake_timeout,
-                                      lambda i: report(i, "waiting"))
-        if instance.state == RUNNING:
-            report(instance, "stopping")
-            provider.stop(instance.instance_id)
-        instance = wait_for_state(provider, STOPPED, deadline, cloud.wake_timeout,
-                                  lambda i: report(i, "stopping"))
-    report(instance, "stopped")
+    with _Progress(reporter) as report:
+        deadline = report.began + cloud.wake_timeout
+        instance = provider.describe()
+        if instance.state in GONE:
+            raise CloudError(f"{instance.instance_id} is {instance.state}",
+                             "point [cloud] at a live instance")
+        if instance.state != STOPPED:
+            if instance.state == PENDING:
+                # EC2 refuses to stop a VM that is still starting.
+                instance = wait_for_state(provider, RUNNING, deadline, cloud.wake_timeout,
+                                          lambda i: report(i, "waiting"))
+            if instance.state == RUNNING:
+                report(instance, "stopping")
+                provider.stop(instance.instance_id)
+            instance = wait_for_state(provider, STOPPED, deadline, cloud.wake_timeout,
+                                      lambda i: report(i, "stopping"))
+        report(instance, "stopped")
     return instance

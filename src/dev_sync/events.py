@@ -148,7 +148,7 @@ class VmState(Event):
 
     instance_id: str
     state: str  # as the cloud reports it: pending, running, stopping, stopped, ...
-    step: str  # starting | waiting | ssh | ready | stopping | stopped
+    step: str  # starting | waiting | ssh | ready | stopping | stopped | failed
     address: str = ""
     seconds: float = 0.0
 
@@ -312,11 +312,13 @@ class ConsoleReporter:
     def _vm(self, event: VmState) -> None:
         """A spinner while a VM boots on a terminal; one line per new state elsewhere."""
         c, vm = self.console, event.instance_id
-        if event.step in ("ready", "stopped"):
+        if event.step in ("ready", "stopped", "failed"):
             if self._spinner is not None:
                 self._spinner.stop()
                 self._spinner = None
             self._vm_seen = ""
+            if event.step == "failed":
+                return  # the error itself follows
             if event.step == "stopped":
                 c.print(f"[dim]{self._stamp()}[/] {vm} is stopped")
                 return
