@@ -397,6 +397,12 @@ path = "{path}"
 # connect_timeout = 10          # seconds
 # rsync_path = "rsync"          # the rsync program on the remote
 
+# A cloud VM that `dev-sync up` starts when it is stopped:
+# [remote.cloud]
+# provider = "aws"
+# region = "eu-west-1"
+# instance_id = "i-0123456789abcdef0"   # or: tags = {{ Name = "dev-alice" }}
+
 [sync]
 # Gitignore syntax, added to the rules of every .gitignore in the tree.
 # .git/ and node_modules/ are always excluded; excluded paths are never sent
