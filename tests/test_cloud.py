@@ -250,6 +250,21 @@ def test_top_level_cloud_belongs_to_the_default_env(aws: str, tmp_path: Path) ->
     assert mine is not None and mine.wake_timeout == 5 and mine.address == "public_ip"
 
 
+def test_envs_lists_the_vms_and_vm_needs_one(aws: str, tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "dev-sync.toml", {
+        "remote": {"host": "devbox", "path": "/srv/app"},
+        "cloud": cloud_table(aws, tags={"Name": "dev"}),
+        "envs.plain": {"host": "plain", "path": "/srv/app"},
+    })
+    rows = json.loads(run_cli("envs", "--json", "--config", str(path)).stdout)
+    assert [(r["name"], r["cloud"]) for r in rows] == [("default", "tags Name=dev"),
+                                                        ("plain", None)]
+    result = run_cli("vm", "status", "--env", "plain", "--config", str(path))
+    assert result.returncode == 2
+    assert "the environment 'plain' has no cloud VM" in result.stderr
+    assert "[envs.plain.cloud]" in result.stderr
+
+
 def test_cloud_twice_for_the_default_env_is_refused(aws: str, tmp_path: Path) -> None:
     path = plain_config(tmp_path, aws, {"cloud": cloud_table(aws, tags={"Name": "dev"})},
                         instance_id="i-0123456789abcdef0")

@@ -813,14 +813,16 @@ def envs(config_path: Path | None, as_json: bool) -> None:
     )
     for name, remote in choices:
         rows.append({"name": name, "active": name == config.env, "host": remote.host,
-                     "path": remote.path, "address": remote.address})
+                     "path": remote.path, "address": remote.address,
+                     "cloud": remote.cloud.selector if remote.cloud else None})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         mark = "*" if row["active"] else " "
         address = f"  address {row['address']}" if row["address"] else ""
-        click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}")
+        vm = f"  cloud {row['cloud']}" if row["cloud"] else ""
+        click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}{vm}")
 
 
 @cli.group()

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dev_sync import runner
-from dev_sync.errors import CloudError, ConnectionFailed, DevSyncError
+from dev_sync.errors import CloudError, ConnectionFailed, DevSyncError, UsageError
 from dev_sync.events import Reporter, VmState
 from dev_sync.target import Target
 
@@ -264,7 +264,7 @@ def _cloud(config: Config) -> CloudConfig:
     cloud = config.remote.cloud
     if cloud is None:
         table = "remote" if config.env == "default" else f"envs.{config.env}"
-        raise CloudError(f"the environment {config.env!r} has no cloud VM",
+        raise UsageError(f"the environment {config.env!r} has no cloud VM",
                          f"add [{table}.cloud] with provider, region and instance_id or tags")
     return cloud
 
