@@ -335,6 +335,8 @@ class ConsoleReporter:
         else:
             text = f"{vm} is {event.state}"
         if c.is_terminal:
+            if event.step in ("starting", "stopping") and text != self._vm_seen:
+                c.print(f"[dim]{self._stamp()}[/] {text}…")  # stays when the spinner goes
             if self._spinner is None:
                 self._spinner = c.status(text)
                 self._spinner.start()
