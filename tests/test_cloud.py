@@ -40,8 +40,9 @@ from moto.server import ThreadedMotoServer
 from rich.console import Console
 
 from dev_sync import cloud, prestart
+from dev_sync.cloud import CloudError
 from dev_sync.config import CloudConfig, load_config
-from dev_sync.errors import CloudError, ConfigError
+from dev_sync.errors import ConfigError
 from dev_sync.events import ConsoleReporter, Event, VmState
 from dev_sync.sandbox import SandboxInfo, client_config_lines
 from dev_sync.target import Target

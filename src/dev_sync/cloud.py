@@ -21,12 +21,16 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dev_sync import runner
-from dev_sync.errors import CloudError, ConnectionFailed, DevSyncError, UsageError
+from dev_sync.errors import ConnectionFailed, DevSyncError, UsageError
 from dev_sync.events import Reporter, VmState
 from dev_sync.target import Target
 
 if TYPE_CHECKING:
     from dev_sync.config import CloudConfig, Config
+
+class CloudError(DevSyncError):
+    """The cloud API refused a request, or the VM did not come up in time (exit 1)."""
+
 
 PENDING, RUNNING, STOPPING, STOPPED = "pending", "running", "stopping", "stopped"
 GONE = frozenset({"shutting-down", "terminated"})

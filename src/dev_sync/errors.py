@@ -49,7 +49,3 @@ class ConnectionFailed(DevSyncError):
 
 class SafetyStop(DevSyncError):
     """dev-sync refused to do something that could lose data."""
-
-
-class CloudError(DevSyncError):
-    """The cloud API refused a request, or the VM did not come up in time."""
