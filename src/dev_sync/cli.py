@@ -242,6 +242,9 @@ def _run_session(
             "log": str(files.log),
         },
     )
+    from dev_sync.cloud import ensure_running
+
+    config = ensure_running(config, Fanout([human, status]))  # a stopped cloud VM is woken
     # rsync's per-file progress lines cost CPU to parse: only for a visible bar.
     progress = isinstance(human, ConsoleReporter) and human.console.is_terminal
     engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
@@ -385,9 +388,18 @@ def doctor(config_path: Path | None) -> None:
     """Check ssh, rsync on both ends, the remote root and inotify limits."""
     from dev_sync.doctor import run_doctor
 
-    ok = run_doctor(_load(config_path))
+    ok = run_doctor(_located(_load(config_path)))
     if not ok:
         sys.exit(1)
+
+
+def _located(config: Config) -> Config:
+    """The config aimed at where the environment's cloud VM is now (as is without [cloud])."""
+    if config.remote.cloud is None:
+        return config
+    from dev_sync.cloud import locate
+
+    return locate(config)
 
 
 def _on_remote(config: Config, work: Callable[[SshMaster], Awaitable[T]]) -> T:
@@ -396,6 +408,7 @@ def _on_remote(config: Config, work: Callable[[SshMaster], Awaitable[T]]) -> T:
     An intercept left behind by a killed dev-sync is undone first, so its
     service runs on the remote again before anything else touches it.
     """
+    config = _located(config)
 
     async def go() -> T:
         master = SshMaster(Target.from_config(config))
@@ -627,7 +640,7 @@ def _print_forwards(forwards: Sequence[Forward]) -> None:
 @config_option
 def forward(config_path: Path | None) -> None:
     """Forward every service port to this machine until Ctrl-C (reconnects by itself)."""
-    config = _load(config_path)
+    config = _located(_load(config_path))
     forwards = _plan_forwards(config)
 
     async def go() -> None:
@@ -679,7 +692,7 @@ def forward(config_path: Path | None) -> None:
               help="Local port of your process (default: the service's port).")
 def intercept(config_path: Path | None, name: str, local_port: int | None) -> None:
     """Route one service's traffic on the VM to a process on this machine, until Ctrl-C."""
-    config = _load(config_path)
+    config = _located(_load(config_path))
     _service_name(config, name)
     svc = config.services[name]
     if svc.port is None:
@@ -750,7 +763,12 @@ hosts_file_option = click.option(
 
 
 def _address_of(config: Config) -> str:
-    """Where the active environment's services answer: its address, or its host's."""
+    """Where the active environment's services answer: its address, or its host's.
+
+    With [cloud] and no address, that is where the cloud says the VM is now.
+    """
+    if config.remote.cloud is not None and not config.remote.address:
+        config = _located(config)
     if config.remote.address:
         return config.remote.address
     import ipaddress
@@ -892,14 +910,68 @@ def envs(config_path: Path | None, as_json: bool) -> None:
     )
     for name, remote in choices:
         rows.append({"name": name, "active": name == config.env, "host": remote.host,
-                     "path": remote.path, "address": remote.address})
+                     "path": remote.path, "address": remote.address,
+                     "cloud": remote.cloud.selector if remote.cloud else None})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         mark = "*" if row["active"] else " "
         address = f"  address {row['address']}" if row["address"] else ""
-        click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}")
+        vm = f"  cloud {row['cloud']}" if row["cloud"] else ""
+        click.echo(f"{mark} {row['name']:<12} {row['host']}:{row['path']}{address}{vm}")
+
+
+@cli.group()
+def vm() -> None:
+    """Start, stop or show the cloud VM of an environment ([cloud])."""
+
+
+def _vm_reporter(as_json: bool) -> Reporter:
+    return JsonReporter() if as_json else ConsoleReporter()
+
+
+@vm.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def vm_status(config_path: Path | None, as_json: bool) -> None:
+    """Show the instance: id, state and addresses."""
+    from dev_sync import cloud
+
+    config = _load(config_path)
+    instance = cloud.describe(config)
+    assert config.remote.cloud is not None
+    kind = config.remote.cloud.address
+    if as_json:
+        click.echo(json.dumps({"env": config.env, **instance.as_dict(), "address_kind": kind,
+                               "address": instance.address(kind)}, indent=2))
+        return
+    name = f" ({instance.name})" if instance.name else ""
+    click.echo(f"{instance.instance_id}{name}: {instance.state}")
+    for key in ("public_ip", "public_dns", "private_ip"):
+        value = instance.address(key)
+        used = "  <- ssh" if key == kind else ""
+        click.echo(f"  {key:<11} {value or '-'}{used}")
+
+
+@vm.command("start")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+def vm_start(config_path: Path | None, as_json: bool) -> None:
+    """Start the VM and wait until ssh answers (what `up` does for a stopped VM)."""
+    from dev_sync import cloud
+
+    cloud.start(_load(config_path), _vm_reporter(as_json))
+
+
+@vm.command("stop")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+def vm_stop(config_path: Path | None, as_json: bool) -> None:
+    """Stop the VM and wait until it is stopped."""
+    from dev_sync import cloud
+
+    cloud.stop(_load(config_path), _vm_reporter(as_json))
 
 
 @cli.group("idle")

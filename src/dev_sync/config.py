@@ -18,9 +18,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from dev_sync.deps import DepsConfig
@@ -76,6 +78,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+CloudAddress = Literal["public_ip", "public_dns", "private_ip"]
+
+
+class CloudConfig(_Strict):
+    """The cloud instance behind an environment, so dev-sync can wake it and find it.
+
+    An instance is named by id or by tags: tags survive re-creating the VM
+    from a template, an id is unambiguous. Credentials are never read here:
+    the provider's own chain (environment, profile, SSO) stays the one place.
+    """
+
+    provider: Literal["aws"]
+    instance_id: str | None = Field(default=None, pattern=r"^i-[0-9a-f]{8,17}$")
+    tags: dict[str, str] | None = None
+    region: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
+    profile: str | None = Field(default=None, min_length=1)
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    wake_timeout: float = Field(default=300.0, gt=0, le=3600)
+    address: CloudAddress = "public_ip"
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not value:
+            raise ValueError('must name at least one tag, e.g. { Name = "dev-alice" }')
+        return value
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> CloudConfig:
+        if (self.instance_id is None) == (self.tags is None):
+            raise ValueError('set exactly one of instance_id = "i-..." or tags = { Name = "..." }')
+        return self
+
+    @property
+    def selector(self) -> str:
+        """The instance as the user named it, for messages."""
+        if self.instance_id is not None:
+            return self.instance_id
+        return "tags " + ", ".join(f"{k}={v}" for k, v in (self.tags or {}).items())
+
+
 class RemoteConfig(_Strict):
     """Where the remote tree lives and how to reach it."""
 
@@ -91,6 +134,21 @@ class RemoteConfig(_Strict):
     python: str = Field(default="python3", min_length=1)
     # Where the machine's services answer (for the hosts block); default: host.
     address: str | None = None
+    # The cloud VM behind this environment: woken by `up`, its address looked up.
+    cloud: CloudConfig | None = None
+    # The address the cloud reported for this run; never read from a file.
+    _cloud_address: str | None = PrivateAttr(default=None)
+
+    @property
+    def cloud_address(self) -> str | None:
+        """Where ssh goes instead of what ``host`` resolves to, once the cloud was asked."""
+        return self._cloud_address
+
+    def with_cloud_address(self, address: str) -> RemoteConfig:
+        """A copy that reaches the VM at ``address`` (its address changes at each start)."""
+        copy = self.model_copy()
+        copy._cloud_address = address
+        return copy
 
     @field_validator("address")
     @classmethod
@@ -181,6 +239,8 @@ class Config(_Strict):
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
     provision: ProvisionConfig = Field(default_factory=ProvisionConfig)
     idle: IdleConfig = Field(default_factory=IdleConfig)
+    # Top-level [cloud]: the cloud VM of [remote] (the default environment).
+    cloud: CloudConfig | None = None
     source: Path = Field(default=Path(CONFIG_NAME), exclude=True)
 
     @property
@@ -326,6 +386,14 @@ def load_config(path: Path | None = None, env: str | None = None) -> Config:
     config = parse_config(data, source)
     if chosen and chosen != DEFAULT_ENV:
         config = config.model_copy(update={"env": chosen})
+    elif config.cloud is not None:
+        if config.remote.cloud is not None:
+            raise ConfigError(
+                f"{source}: [cloud] and [remote.cloud] both describe the default environment's VM",
+                f"keep one of them in {source}",
+            )
+        remote = config.remote.model_copy(update={"cloud": config.cloud})
+        config = config.model_copy(update={"remote": remote})
     return config
 
 
@@ -345,6 +413,12 @@ path = {path}
 # connect_timeout = 10          # seconds
 # rsync_path = "rsync"          # the rsync program on the remote
 # python = "python3"            # runs the fast-path agent on the remote (3.8+)
+
+# A cloud VM that `dev-sync up` starts when it is stopped:
+# [remote.cloud]
+# provider = "aws"
+# region = "eu-west-1"
+# instance_id = "i-0123456789abcdef0"   # or: tags = {{ Name = "dev-alice" }}
 
 [sync]
 # Gitignore syntax, added to the rules of every .gitignore in the tree.

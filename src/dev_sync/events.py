@@ -21,6 +21,7 @@ from dev_sync.state import SessionFiles
 if TYPE_CHECKING:  # rich costs ~100 ms to import: only the console reporter needs it
     from rich.console import Console
     from rich.progress import Progress, TaskID
+    from rich.status import Status
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,17 @@ class Provisioned(Event):
 
 
 @dataclass(frozen=True)
+class VmState(Event):
+    """A cloud VM on its way up (or down), before any connection is made."""
+
+    instance_id: str
+    state: str  # as the cloud reports it: pending, running, stopping, stopped, ...
+    step: str  # starting | waiting | ssh | ready | stopping | stopped | failed
+    address: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class Stopped(Event):
     reason: str = "stopped"
 
@@ -229,6 +241,8 @@ class ConsoleReporter:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._progress_since = 0.0
+        self._spinner: Status | None = None
+        self._vm_seen = ""
 
     def _stamp(self) -> str:
         return time.strftime("%H:%M:%S")
@@ -376,8 +390,47 @@ class ConsoleReporter:
                 c.print(f"[dim]{self._stamp()}[/] [green]{verdict}[/] ({steps}; "
                         f"sent {_count(event.sent, 'file')}, "
                         f"{_count(len(event.installs), 'install')})")
+            case VmState():
+                self._vm(event)
             case _:
                 pass
+
+    def _vm(self, event: VmState) -> None:
+        """A spinner while a VM boots on a terminal; one line per new state elsewhere."""
+        c, vm = self.console, event.instance_id
+        if event.step in ("ready", "stopped", "failed"):
+            if self._spinner is not None:
+                self._spinner.stop()
+                self._spinner = None
+            self._vm_seen = ""
+            if event.step == "failed":
+                return  # the error itself follows
+            if event.step == "stopped":
+                c.print(f"[dim]{self._stamp()}[/] {vm} is stopped")
+                return
+            took = f" (after {event.seconds:.0f} s)" if event.seconds >= 1 else ""
+            c.print(f"[dim]{self._stamp()}[/] {vm} is [green]running[/] at "
+                    f"[bold]{_escape(event.address)}[/]{took}")
+            return
+        if event.step == "starting":
+            text = f"starting {vm} (it was {event.state})"
+        elif event.step == "stopping":
+            text = f"stopping {vm}"
+        elif event.step == "ssh":
+            text = f"{vm} is running; waiting for ssh on {_escape(event.address)}"
+        else:
+            text = f"{vm} is {event.state}"
+        if c.is_terminal:
+            if event.step in ("starting", "stopping") and text != self._vm_seen:
+                c.print(f"[dim]{self._stamp()}[/] {text}…")  # stays when the spinner goes
+            if self._spinner is None:
+                self._spinner = c.status(text)
+                self._spinner.start()
+            else:
+                self._spinner.update(f"{text} ({event.seconds:.0f} s)")
+        elif text != self._vm_seen:
+            c.print(f"[dim]{self._stamp()}[/] {text}…")
+        self._vm_seen = text
 
 
     def _provision_step(self, event: ProvisionStep) -> None:

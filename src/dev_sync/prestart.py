@@ -40,7 +40,10 @@ def _config_path(args: Sequence[str]) -> Path | None:
 
 def _target(path: Path) -> Target | None:
     try:
-        remote = tomllib.loads(path.read_text())["remote"]
+        data = tomllib.loads(path.read_text())
+        remote = data["remote"]
+        if "cloud" in data or "cloud" in remote:
+            return None  # the VM may be stopped or elsewhere: the cloud says where, later
         host, user, port = remote["host"], remote.get("user"), remote.get("port")
         ssh_config, timeout = remote.get("ssh_config"), remote.get("connect_timeout", 10.0)
     except (OSError, ValueError, KeyError, TypeError):

@@ -28,17 +28,23 @@ class Target:
     port: int | None = None
     ssh_config: Path | None = None
     connect_timeout: float = 10.0
+    # Where to connect instead of what ``host`` resolves to (a cloud VM's
+    # current address): ``host`` stays the destination, so the user's ssh
+    # config for that alias (User, IdentityFile, ProxyJump, ...) still applies.
+    hostname: str | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Target:
         r = config.remote
-        return cls(r.host, r.user, r.port, config.ssh_config_path, r.connect_timeout)
+        return cls(r.host, r.user, r.port, config.ssh_config_path, r.connect_timeout,
+                   r.cloud_address)
 
     @property
     def label(self) -> str:
         who = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port else ""
-        return f"{who}{self.host}{port}"
+        at = f" (at {self.hostname})" if self.hostname else ""
+        return f"{who}{self.host}{port}{at}"
 
     def options(self) -> list[str]:
         """Options shared by the master and every client call."""
@@ -49,6 +55,8 @@ class Target:
             args += ["-p", str(self.port)]
         if self.user is not None:
             args += ["-l", self.user]
+        if self.hostname is not None:
+            args += ["-o", f"HostName={self.hostname}"]
         args += [
             "-o", "BatchMode=yes",
             "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
@@ -59,9 +67,10 @@ class Target:
 
     def control_path(self) -> Path:
         """A short, private socket path (sun_path is limited to ~104 bytes)."""
-        key = "\0".join(
-            [self.host, self.user or "", str(self.port or ""), str(self.ssh_config or "")]
-        )
+        parts = [self.host, self.user or "", str(self.port or ""), str(self.ssh_config or "")]
+        if self.hostname is not None:
+            parts.append(self.hostname)
+        key = "\0".join(parts)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         folder = Path(tempfile.gettempdir()) / f"dev-sync-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
