@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -66,6 +67,7 @@ T = TypeVar("T")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
 HEARTBEAT_S = 30.0
+MAX_INFLIGHT = 8  # batches sent to the agent whose answers are not collected yet
 
 
 class Engine:
@@ -104,7 +106,7 @@ class Engine:
         self.fast: FastPusher | None = None
         self.channel: Channel | None = None
         self.idle_heartbeat: Heartbeat | None = None
-        self._inflight: tuple[Batch, list[tuple[str, bool]], Sent] | None = None
+        self._inflight: deque[tuple[Batch, list[tuple[str, bool]], Sent]] = deque()
         self._agent_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._agent_off = False
@@ -465,22 +467,23 @@ class Engine:
             await self._settle()
             await self._finish((batch, changes, sent))
             return
-        # Pipelined: this batch is on its way before the previous one's answers
+        # Pipelined: this batch is on its way before the earlier ones' answers
         # are collected, so a burst costs about one round trip, not one per batch.
-        previous, self._inflight = self._inflight, (batch, changes, sent)
-        if previous is not None:
-            await self._finish(previous)
+        self._inflight.append((batch, changes, sent))
+        while len(self._inflight) > MAX_INFLIGHT:
+            await self._finish(self._inflight.popleft())
 
     async def _finish(self, inflight: tuple[Batch, list[tuple[str, bool]], Sent]) -> None:
         batch, changes, sent = inflight
         assert self.fast is not None
         self._pushed(batch, changes, await self.fast.finish(sent))
 
-    async def _settle(self) -> None:
-        """Collect the batch still in flight (before a reconcile, or once it has landed)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            await self._finish(inflight)
+    async def _settle(self, *, landed_only: bool = False) -> None:
+        """Collect the batches in flight, in order (all, or those whose answers are in)."""
+        while self._inflight:
+            if landed_only and not all(f.done() for f in self._inflight[0][2].futures):
+                return
+            await self._finish(self._inflight.popleft())
 
     def _pushed(self, batch: Batch, changes: list[tuple[str, bool]], stats: Stats) -> None:
         if self.idle_heartbeat is not None:
@@ -501,9 +504,9 @@ class Engine:
         when the connection dropped first."""
         if self._lost.is_set():
             return None
-        if self._inflight is None:
+        if not self._inflight:
             return await _first(self.batcher.next_batch(), self._lost.wait())
-        futures = self._inflight[2].futures
+        futures = self._inflight[0][2].futures
         batch = await _first(self.batcher.next_batch(),
                              _either(asyncio.wait(futures), self._lost.wait()))
         if batch is None and not self._lost.is_set():
@@ -525,7 +528,7 @@ class Engine:
             retry_full = False
             try:
                 if batch is _LANDED:
-                    await self._settle()
+                    await self._settle(landed_only=True)
                 elif batch.full:
                     await self._settle()
                     await self._reconcile(batch.reasons)
@@ -553,12 +556,12 @@ class Engine:
                 retry_full = True
 
     def _forget_inflight(self) -> None:
-        """A reconcile redoes the batch in flight: drop it without waiting."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
+        """A reconcile redoes the batches in flight: drop them without waiting."""
+        if self._inflight:
             from dev_sync.fastpath import forget
 
-            forget(inflight[2].futures)
+            while self._inflight:
+                forget(self._inflight.popleft()[2].futures)
 
     async def _recover(self, reason: str) -> None:
         """Offline until the remote answers again, then reconcile everything."""
