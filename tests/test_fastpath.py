@@ -232,8 +232,9 @@ def test_a_full_disk_is_reported_per_path_and_retried(project: Project) -> None:
                        check=True)
         try:
             (project.local / "full" / "a.bin").write_bytes(os.urandom(400 * 1024))
-            problem = s.wait_for("problem", lambda e: "full" in e["cause"], timeout=30)
-            assert "full/a.bin" in problem["cause"] and "free space" in problem["fix"], problem
+            # The agent's answer names the file (a reconcile's rsync may also report).
+            problem = s.wait_for("problem", lambda e: "full/a.bin" in e["cause"], timeout=30)
+            assert "is full" in problem["cause"] and "free space" in problem["fix"], problem
             leftovers = ssh_run(project.sandbox, ["ls", "-A", str(full)]).out.split()
             assert leftovers == [], leftovers  # nothing half-written
             # Each later change retries once, not in a loop.
