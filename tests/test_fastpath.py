@@ -331,17 +331,23 @@ def test_edits_made_on_the_vm_while_dev_sync_was_away_are_kept(project: Project)
         assert s.stop() == 0
     # While dev-sync is stopped: edits on the VM, a log the VM writes (excluded), a local edit.
     remote = project.remote
-    ssh_run(project.sandbox, ["sh", "-c", 'printf "vm edit\\n" > "$1"; printf "vm log\\n" > "$2"',
-                              "sh", str(remote / "app.py"), str(remote / "server.log")])
+    ssh_run(project.sandbox, ["sh", "-c", 'printf "vm edit\\n" > "$1"; printf "vm log\\n" > "$2"; '
+                              'printf "scratch\\n" > "$3"',
+                              "sh", str(remote / "app.py"), str(remote / "server.log"),
+                              str(remote / "scratch.txt")])
     (project.local / "notes.md").write_text("n2\n")
     # --once reconciles too, and keeps the VM's edit first.
     result = subprocess.run([os.sys.executable, "-m", "dev_sync", "up", "--once", "--json",  # type: ignore[attr-defined]
                              "--config", str(project.config)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    kept = [e for e in json_events(result.stdout) if e["event"] == "conflict_kept"]
-    assert [e["path"] for e in kept] == ["app.py"], result.stdout
-    assert (remote / kept[0]["kept"]).read_text() == "vm edit\n"
+    kept = {e["path"]: remote / e["kept"] for e in json_events(result.stdout)
+            if e["event"] == "conflict_kept"}
+    assert sorted(kept) == ["app.py", "scratch.txt"], result.stdout
+    assert kept["app.py"].read_text() == "vm edit\n"
+    # Made on the VM alone: the reconcile mirrors the local tree, but keeps it first.
+    assert kept["scratch.txt"].read_text() == "scratch\n"
+    assert not (remote / "scratch.txt").exists()
     assert (remote / "app.py").read_text() == "v1\n"
     assert (remote / "notes.md").read_text() == "n2\n"
     assert (remote / "server.log").read_text() == "vm log\n"  # excluded: never touched

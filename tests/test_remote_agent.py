@@ -177,14 +177,19 @@ def test_os_errors_come_back_per_path(h: Harness) -> None:
 def test_the_record_outlives_the_agent_and_finds_edits_made_meanwhile(h: Harness) -> None:
     for name in ("kept.txt", "edited.txt", "deleted.txt"):
         h.write(name, b"synced")
-    h(op="snapshot", entries=["kept.txt", "edited.txt", "deleted.txt"])
+    h(op="snapshot", entries=["kept.txt", "edited.txt", "deleted.txt"], dirs=[""])
     h.agent.save()
     # dev-sync is gone; someone works on the VM.
     (h.root / "edited.txt").write_bytes(b"changed on the VM")
     (h.root / "deleted.txt").unlink()
+    (h.root / "made-on-vm.txt").write_bytes(b"new on the VM")
+    (h.root / "vm-dir" / "deep").mkdir(parents=True)
+    (h.root / "vm-dir" / "deep" / "x.txt").write_bytes(b"deep")
     later = Harness(h.root)
     later.agent.load()
-    assert later(op="changed")["paths"] == ["edited.txt"]
+    found = later(op="changed")
+    assert found["paths"] == ["edited.txt"]
+    assert sorted(found["new"]) == ["made-on-vm.txt", "vm-dir/deep/x.txt"]
     kept = later(op="keep", paths=["edited.txt"])["kept"]
     assert [rel for rel, _ in kept] == ["edited.txt"]
     assert (h.root / kept[0][1]).read_bytes() == b"changed on the VM"

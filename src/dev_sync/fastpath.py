@@ -103,18 +103,21 @@ class FastPusher:
         """Let the agent record the synced tree as it is right after a reconcile."""
         if self.agent is None:
             return
-        entries = await asyncio.to_thread(synced_entries, self.rules())
-        await self.agent.call({"op": "snapshot", "entries": entries})
+        entries, dirs = await asyncio.to_thread(synced_entries, self.rules())
+        await self.agent.call({"op": "snapshot", "entries": entries, "dirs": dirs})
 
     async def protect(self) -> list[tuple[str, str]]:
         """Before a reconcile: keep aside the synced files edited on the VM since the
         agent last recorded them (while dev-sync was stopped or offline, say)."""
         if self.agent is None:
             return []
-        changed = (await self.agent.call({"op": "changed"})).meta.get("paths", [])
+        found = (await self.agent.call({"op": "changed"})).meta
         rules = self.rules()
-        # Only what the rules sync: excluded files on the VM are never touched.
-        keep = [p for p in changed if isinstance(p, str) and not rules.is_excluded(p, False)]
+        # Only what the rules sync: excluded files on the VM are never touched. A
+        # file made on the VM that is also here is overwritten, one that is not is
+        # deleted by the reconcile: either way its VM version is kept first.
+        keep = [p for p in [*found.get("paths", []), *found.get("new", [])]
+                if isinstance(p, str) and not rules.is_excluded(p, False)]
         if not keep:
             return []
         reply = await self.agent.call({"op": "keep", "paths": keep})
@@ -443,11 +446,13 @@ def _failure(failures: list[tuple[str, Reply]], host: str, root: str) -> DevSync
 
 
 
-def synced_entries(rules: RuleSet) -> list[str]:
-    """Every path the rules sync (folders, files, symlinks), root-relative."""
+def synced_entries(rules: RuleSet) -> tuple[list[str], list[str]]:
+    """Every path the rules sync (folders, files, symlinks), and the folders, root-relative."""
     out: list[str] = []
+    dirs: list[str] = []
     root = rules.root
     for folder in walk_dirs(rules):
+        dirs.append(folder)
         if folder:
             out.append(folder)
         try:
@@ -460,4 +465,4 @@ def synced_entries(rules: RuleSet) -> list[str]:
                         out.append(rel)
         except OSError:
             continue
-    return out
+    return out, dirs

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import IO, Any, BinaryIO, Dict, List, Optional, Set, Tuple
 
 HEADER = struct.Struct(">BIII")
 HELLO, REQUEST, ACK, OUTPUT = 0, 1, 2, 3
@@ -98,6 +98,7 @@ class Agent:
         self.lock = threading.Lock()
         self.held = bytearray()
         self.record: Dict[str, Signature] = {}
+        self.dirs: Set[str] = set()  # synced folders, as of the last snapshot
         self.hashes: Dict[str, str] = {}
         self.known = False  # a snapshot was taken: unknown files are the VM's own
         self.stamp = ""
@@ -355,35 +356,65 @@ class Agent:
             if st is not None:
                 record[rel] = signature(st)
         self.record = record
+        self.dirs = set(meta.get("dirs", ())) | {""}
         self.hashes = {k: v for k, v in self.hashes.items() if k in record}
         self.known = True
         self.dirty = True
         return {"entries": len(record)}
 
     def op_changed(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
-        """Synced files that changed on the VM since dev-sync last wrote or saw them.
+        """Synced files that changed on the VM since dev-sync last wrote or saw them
+        (``paths``), and files made on the VM inside synced folders (``new``).
 
-        Asked before a reconcile, which would overwrite them; dev-sync picks the
-        ones its rules sync and has them kept aside (``keep``).
+        Asked before a reconcile, which would overwrite or delete them; dev-sync
+        picks the ones its rules sync and has them kept aside (``keep``).
         """
+        limit = meta.get("limit", 10000)
         changed = []
         for rel, seen in list(self.record.items()):
             st = _lstat(os.path.join(self.root, *rel.split("/")))
             if st is None or stat.S_ISDIR(st.st_mode) or signature(st) == seen:
                 continue
             changed.append(rel)
-            if len(changed) >= meta.get("limit", 10000):
+            if len(changed) >= limit:
                 break
-        return {"paths": changed}
+        new: List[str] = []
+        for folder in sorted(self.dirs):
+            base = os.path.join(self.root, *folder.split("/")) if folder else self.root
+            try:
+                with os.scandir(base) as entries:
+                    names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            except OSError:
+                continue
+            for name, is_dir in names:
+                rel = folder + "/" + name if folder else name
+                if rel in self.record or name.startswith(TMP_PREFIX):
+                    continue
+                if not folder and name in (INTERNAL, ".dev-sync-root"):
+                    continue
+                if not is_dir:
+                    new.append(rel)
+                    continue
+                for top, _dirs, files in os.walk(os.path.join(base, name)):
+                    sub = os.path.relpath(top, self.root).replace(os.sep, "/")
+                    new.extend(sub + "/" + f for f in files)
+            if len(new) >= limit:
+                break
+        return {"paths": changed, "new": new[:limit]}
 
     def op_keep(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        """Move the listed files aside (dev-sync chose them from ``changed``)."""
         kept = []
         for rel in meta["paths"]:
             try:
                 full = self.path(rel)
             except Refused:
                 continue
-            aside = self.keep_aside(rel, full, _lstat(full))
+            st = _lstat(full)
+            if st is None or stat.S_ISDIR(st.st_mode):
+                continue
+            self.record[rel] = (-1, -1, -1)  # differs from anything: keep_aside moves it
+            aside = self.keep_aside(rel, full, st)
             if aside:
                 kept.append([rel, aside])
         return {"kept": kept}
@@ -505,15 +536,17 @@ class Agent:
                 data = json.loads(handle.read().decode("ascii", "surrogateescape"))
             entries = data["entries"]
             self.record = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in entries.items()}
+            self.dirs = {str(d) for d in data.get("dirs", ())}
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             self.record = {}
+            self.dirs = set()
 
     def save(self) -> None:
         if not self.dirty:
             return
         self.dirty = False
         entries = dict(self.record.items())  # one C-level copy: safe beside the main thread
-        body = encode_meta({"version": 1, "entries": entries})
+        body = encode_meta({"version": 1, "entries": entries, "dirs": sorted(set(self.dirs))})
         tmp = "%s.%d" % (self.record_path, os.getpid())
         try:
             os.makedirs(os.path.dirname(self.record_path), exist_ok=True)
