@@ -65,6 +65,7 @@ def test_undecodable_names_round_trip_through_frames(h: Harness) -> None:
     raw = frame(1, 7, {"op": "write", "path": name, "mode": 0o644, "mtime_ns": 0}, b"x")
     _, ident, meta, data = read_frame(io.BytesIO(raw))
     h.agent.handle(ident, meta, data)
+    h.agent.release()
     assert (h.root / name).read_bytes() == b"x"
     assert os.fsencode(name) in os.listdir(os.fsencode(h.root))
 
@@ -204,3 +205,17 @@ def test_answers_are_held_until_the_input_runs_dry(h: Harness) -> None:
     h.agent.release()
     h.out.seek(0)
     assert [read_frame(h.out)[1] for _ in range(2)] == [1, 2]
+
+
+def test_a_burst_of_writes_is_synced_once_and_renamed_in_order(h: Harness) -> None:
+    for i in range(3):
+        h.agent.handle(i, {"op": "write", "path": "f.txt", "mode": 0o644, "mtime_ns": i},
+                       b"v%d" % i)
+    assert not (h.root / "f.txt").exists()  # staged: nothing in place before the commit
+    h.agent.handle(3, {"op": "delete", "path": "g.txt"}, b"")  # any other request commits
+    assert (h.root / "f.txt").read_bytes() == b"v2"
+    h.agent.release()
+    h.out.seek(0)
+    answers = [read_frame(h.out) for _ in range(4)]
+    assert [a[1] for a in answers] == [0, 1, 2, 3] and all(a[2]["ok"] for a in answers)
+    assert [p.name for p in h.root.iterdir()] == ["f.txt"]

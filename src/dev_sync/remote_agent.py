@@ -37,6 +37,7 @@ HEADER = struct.Struct(">BIII")
 HELLO, REQUEST, ACK, OUTPUT = 0, 1, 2, 3
 INTERNAL = ".dev-sync"
 TMP_PREFIX = ".~dev-sync."
+MAX_STAGED = 256  # open files held between a write and its fsync
 
 Signature = Tuple[int, int, int]
 
@@ -103,6 +104,7 @@ class Agent:
         self.known = False  # a snapshot was taken: unknown files are the VM's own
         self.stamp = ""
         self.dirty = False
+        self.staged: List[Tuple[int, str, str, str, int, int, Optional[str]]] = []
         self.running: Dict[int, subprocess.Popen[bytes]] = {}
         self.record_path = os.path.join(self.root, INTERNAL, "record.json")
 
@@ -122,6 +124,7 @@ class Agent:
             self.held += frame(kind, ident, meta)
 
     def release(self) -> None:
+        self.flush_staged()
         with self.lock:
             if self.held:
                 self.out.write(bytes(self.held))
@@ -191,31 +194,66 @@ class Agent:
     # -- operations ----------------------------------------------------------
 
     def op_write(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
+        self.stage(0, meta, data)
+        return self.commit()[0][1]
+
+    # Writes are done in two steps. ``stage`` writes the data to a temporary
+    # file next to its target; ``commit`` fsyncs all staged files, then renames
+    # each into place. Between a burst's writes and their fsyncs the disk
+    # commits its journal once, where one fsync per file would commit it once
+    # per file (milliseconds each on a cloud disk). Any other request commits
+    # first, so requests still take effect in the order they came.
+
+    def stage(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
         rel = meta["path"]
         full = self.path(rel)
         self.parents(rel)
-        st = _lstat(full)
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise Refused("a folder on the remote")
-        conflict = self.keep_aside(rel, full, st)
+        mode, mtime = meta["mode"] & 0o7777, meta["mtime_ns"]
         tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-                os.fchmod(fd, meta["mode"] & 0o7777)
-            finally:
-                os.close(fd)
-            os.utime(tmp, ns=(meta["mtime_ns"], meta["mtime_ns"]))
-            os.rename(tmp, full)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
         except BaseException:
+            os.close(fd)
             _unlink(tmp)
             raise
-        self.remember(rel, full, meta.get("hash"))
-        return {"conflict": conflict} if conflict else {}
+        self.staged.append((ident, rel, full, tmp, fd, mtime, meta.get("hash")))
+
+    def commit(self) -> List[Tuple[int, Dict[str, Any]]]:
+        """Finish the staged writes: (request id, answer) for each, in order."""
+        staged, self.staged = self.staged, []
+        done: List[Tuple[int, Dict[str, Any]]] = []
+        for ident, rel, full, tmp, fd, mtime, digest in staged:
+            try:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.utime(tmp, ns=(mtime, mtime))
+                st = _lstat(full)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    raise Refused("a folder on the remote")
+                conflict = self.keep_aside(rel, full, st)
+                os.rename(tmp, full)
+                self.remember(rel, full, digest)
+                reply: Dict[str, Any] = {"ok": True}
+                if conflict:
+                    reply["conflict"] = conflict
+            except Refused as exc:
+                _unlink(tmp)
+                reply = {"ok": False, "refused": True, "error": str(exc)}
+            except OSError as exc:
+                _unlink(tmp)
+                reply = _os_error(exc)
+            done.append((ident, reply))
+        return done
+
+    def flush_staged(self) -> None:
+        for ident, reply in self.commit():
+            self.hold(ACK, ident, reply)
 
     def op_place(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Make ``path`` from content the remote has: a rename (``move``) or a copy."""
@@ -570,6 +608,12 @@ class Agent:
             return
         method = getattr(self, "op_%s" % op, None)
         try:
+            if op == "write":
+                if len(self.staged) >= MAX_STAGED:
+                    self.flush_staged()
+                self.stage(ident, meta, data)
+                return
+            self.flush_staged()
             if method is None:
                 raise Refused("unknown operation %r" % op)
             reply = method(meta, data)
@@ -577,8 +621,7 @@ class Agent:
         except Refused as exc:
             reply = {"ok": False, "refused": True, "error": str(exc)}
         except OSError as exc:
-            reply = {"ok": False, "errno": errno.errorcode.get(exc.errno or 0, "EIO"),
-                     "error": exc.strerror or str(exc)}
+            reply = _os_error(exc)
         except (KeyError, TypeError, ValueError) as exc:
             reply = {"ok": False, "refused": True, "error": "bad request: %s" % exc}
         self.hold(ACK, ident, reply)
@@ -615,6 +658,11 @@ def _lstat(path: str) -> Optional[os.stat_result]:
         return None
     except NotADirectoryError:
         return None
+
+
+def _os_error(exc: OSError) -> Dict[str, Any]:
+    return {"ok": False, "errno": errno.errorcode.get(exc.errno or 0, "EIO"),
+            "error": exc.strerror or str(exc)}
 
 
 def _unlink(path: str) -> None:
