@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from driver import Event, Session, json_events
+from driver import Event, Session, json_events, run_cli
 from helpers import Project, ssh_run, wait_in_sync, wait_until
 
 from dev_sync import deps
@@ -173,6 +173,17 @@ def test_without_python_on_the_remote_rsync_does_everything(project: Project) ->
         (project.local / "f.txt").write_text("still synced")
         pushed_via(s, "f.txt", via="rsync")
         assert not s.of_kind("agent_ready")
+
+
+def test_doctor_says_whether_the_fast_path_can_run(project: Project) -> None:
+    ok = run_cli("doctor", "--config", str(project.config))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "the agent runs on python3 3." in ok.stdout
+    project.write_config(remote={"python": "python3-not-installed"})
+    missing = run_cli("doctor", "--config", str(project.config))
+    assert missing.returncode == 0, missing.stdout  # a warning: everything still syncs
+    assert "python3-not-installed is not available on the remote" in missing.stdout
+    assert "Python 3.8" in missing.stdout
 
 
 def _processes_naming(path: Path) -> list[int]:

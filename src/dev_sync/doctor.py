@@ -102,9 +102,29 @@ async def remote_checks(config: Config) -> list[Check]:
                     "remote disk", False, f"only {info.free_kb // 1024} MB free under the root",
                     "free space on the remote", warning=True,
                 ))
+        if config.sync.agent:
+            checks.append(await _python_check(master, config.remote.python))
     finally:
         await master.close()
     return checks
+
+
+async def _python_check(master: SshMaster, python: str) -> Check:
+    """The fast path needs Python 3.8+ on the remote; without it rsync does everything."""
+    fix = ("install Python 3.8 or newer on the remote (or set [remote] python); without it "
+           "every change goes through rsync, a few round trips each")
+    result = await master.run(
+        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], check=False)
+    version = tuple(int(p) for p in result.out.strip().split(".") if p.isdigit())
+    if result.returncode != 0 or len(version) != 2:
+        lines = [ln.strip() for ln in result.err.splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {result.returncode}"
+        return Check("fast path", False, f"{python} is not available on the remote ({why})",
+                     fix, warning=True)
+    if version < (3, 8):
+        return Check("fast path", False, f"{python} is {version[0]}.{version[1]} on the remote",
+                     fix, warning=True)
+    return Check("fast path", True, f"the agent runs on {python} {version[0]}.{version[1]}")
 
 
 def run_doctor(config: Config, console: Console | None = None) -> bool:
