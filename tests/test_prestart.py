@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import Project
+from driver import Event, json_events, run_cli
+from helpers import IgnoreFn, Project, wait_in_sync, wait_until
 
-from dev_sync import prestart
+from dev_sync import cli, prestart
 from dev_sync.config import load_config
 from dev_sync.ssh import SshMaster
 from dev_sync.target import Target
@@ -72,3 +73,146 @@ def test_a_different_target_discards_it(project: Project) -> None:
     early = prestart._started[1]
     assert prestart.adopt(Target("elsewhere").master_argv()) is None
     assert early.poll() is not None
+
+
+# -- the probe and the first rsync pass, started while the program loads -------------
+
+
+def _rsync_logger(project: Project) -> Path:
+    """Make [remote] rsync_path a wrapper that logs each call on the remote, then runs rsync.
+
+    The probe calls it once with --version; every transfer runs it once as --server.
+    """
+    log = project.local.parent / "remote-rsync.log"
+    wrapper = project.local.parent / "rsync-logged"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nexec rsync "$@"\n')
+    wrapper.chmod(0o755)
+    project.write_config(remote={"rsync_path": str(wrapper)},
+                         exclude=["*.log"])
+    return log
+
+
+def _calls(log: Path) -> tuple[int, int]:
+    """(probes, transfers) seen by the logging wrapper."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return (sum(ln == "--version" for ln in lines), sum("--server" in ln for ln in lines))
+
+
+def _fill(local: Path) -> None:
+    (local / "src" / "deep").mkdir(parents=True)
+    for i in range(200):
+        (local / "src" / f"f{i}.py").write_text(f"print({i})\n" * (i + 1))
+    (local / "src" / "deep" / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (local / "src" / "deep" / "run.sh").chmod(0o755)
+    (local / "link").symlink_to("src/f1.py")
+    (local / "node_modules" / "pkg").mkdir(parents=True)
+    (local / "node_modules" / "pkg" / "index.js").write_text("x")
+    (local / "build").mkdir()
+    (local / "build" / "out.bin").write_bytes(b"\0" * 1000)
+    (local / "debug.log").write_text("log")
+    (local / ".gitignore").write_text("build/\n")
+
+
+def _ignored(names: set[str]) -> IgnoreFn:
+    def ignore(rel: str) -> bool:
+        return rel.split("/")[0] + ("/" if "/" in rel else "") in names or rel.endswith(".log")
+    return ignore
+
+
+def _reconciled(stdout: str) -> list[Event]:
+    return [e for e in json_events(stdout) if e["event"] == "reconciled"]
+
+
+def test_up_once_into_a_new_folder_adopts_the_early_probe_and_rsync(project: Project) -> None:
+    log = _rsync_logger(project)
+    _fill(project.local)
+    result = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert result.returncode == 0, result.stderr
+    (event,) = _reconciled(result.stdout)
+    assert event["head_start"] is True
+    # One probe and one transfer in all: the engine ran neither of its own.
+    assert _calls(log) == (1, 1)
+    assert event["files"] == 203  # 200 sources, run.sh, .gitignore and dev-sync.toml
+    wait_in_sync(project.local, project.remote,
+                 ignore=_ignored({"node_modules/", "build/"}), timeout=1)
+    assert not (project.remote / "build").exists()
+    assert not (project.remote / "node_modules").exists()
+    assert (project.remote / ".dev-sync-root").is_file()
+
+
+def test_a_root_that_exists_gets_no_head_start(project: Project) -> None:
+    log = _rsync_logger(project)
+    _fill(project.local)
+    first = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert first.returncode == 0, first.stderr
+    (project.local / "src" / "new.py").write_text("new\n")
+    (project.local / "src" / "f3.py").unlink()
+    log.unlink()
+    second = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert second.returncode == 0, second.stderr
+    (event,) = _reconciled(second.stdout)
+    assert event["head_start"] is False
+    assert event["deleted"] == 1
+    # The probe found the marked root: nothing else was started early.
+    assert _calls(log) == (1, 2)  # the engine's own passes: copy, then the deletion
+    wait_in_sync(project.local, project.remote,
+                 ignore=_ignored({"node_modules/", "build/"}), timeout=1)
+
+
+def test_a_non_empty_unmarked_root_is_still_refused_with_nothing_written(
+    project: Project,
+) -> None:
+    log = _rsync_logger(project)
+    _fill(project.local)
+    project.remote.mkdir()
+    (project.remote / "precious.txt").write_text("keep me")
+    result = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert result.returncode == 1, result.stderr
+    assert "not empty" in result.stderr
+    assert sorted(p.name for p in project.remote.iterdir()) == ["precious.txt"]
+    assert (project.remote / "precious.txt").read_text() == "keep me"
+    assert _calls(log)[1] == 0
+
+
+def test_a_gitignore_changed_after_the_early_start_discards_the_early_rsync(
+    project: Project, capsys: pytest.CaptureFixture[str],
+) -> None:
+    log = _rsync_logger(project)
+    _fill(project.local)
+    args = ["up", "--once", "--json", "--config", str(project.config)]
+    prestart.maybe_start(args)
+    assert prestart._head is not None
+    prestart.release(progress=False)  # as the CLI does once the config is valid
+    # The early pass has reached the remote, with build/ still ignored...
+    wait_until(lambda: _calls(log)[1] == 1, timeout=20)
+    early = prestart._head._rsync
+    assert early is not None
+    # ...when the rules change: build/ is now synced.
+    (project.local / ".gitignore").write_text("# nothing ignored here\n")
+    assert cli.main(args) == 0
+    (event,) = _reconciled(capsys.readouterr().out)
+    assert event["head_start"] is False
+    assert early.proc.poll() is not None  # stopped (or done) before the engine's own pass
+    assert _calls(log) == (1, 2)  # the early probe was still the engine's
+    wait_in_sync(project.local, project.remote, ignore=_ignored({"node_modules/"}), timeout=1)
+    assert (project.remote / "build" / "out.bin").is_file()
+
+
+def test_a_config_that_fails_validation_starts_no_rsync(project: Project) -> None:
+    """Exit 2, and the early work may have gone as far as the probe: at most an
+    empty root holding its marker (a later `up` finds it marked and carries on)."""
+    log = _rsync_logger(project)
+    _fill(project.local)
+    text = project.config.read_text()
+    project.config.write_text(text.replace("[sync]\n", "[sync]\ndebounce_ms = -5\n"))
+    result = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert result.returncode == 2, result.stderr
+    assert "debounce_ms" in result.stderr
+    assert _calls(log)[1] == 0
+    if project.remote.exists():
+        assert [p.name for p in project.remote.iterdir()] == [".dev-sync-root"]
+    project.config.write_text(text)
+    fixed = run_cli("up", "--once", "--json", "--config", str(project.config))
+    assert fixed.returncode == 0, fixed.stderr
+    wait_in_sync(project.local, project.remote,
+                 ignore=_ignored({"node_modules/", "build/"}), timeout=1)
