@@ -180,9 +180,9 @@ def test_a_gitignore_changed_after_the_early_start_discards_the_early_rsync(
     log = _rsync_logger(project)
     _fill(project.local)
     args = ["up", "--once", "--json", "--config", str(project.config)]
-    prestart.maybe_start(args)
+    prestart.maybe_start(args)  # what the launcher does before it loads the CLI
+    prestart.validate(args)
     assert prestart._head is not None
-    prestart.release(progress=False)  # as the CLI does once the config is valid
     # The early pass has reached the remote, with build/ still ignored...
     wait_until(lambda: _calls(log)[1] == 1, timeout=20)
     early = prestart._head._rsync

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dev_sync import __version__, prestart, runner
+from dev_sync import __version__, runner
 from dev_sync.config import (
     CONFIG_NAME,
     DEFAULT_ENV,
@@ -229,6 +229,8 @@ def _run_session(
     config: Config, files: SessionFiles, *, once: bool, as_json: bool, adopt: bool,
     allow_delete: bool, forwards: Sequence[Forward],
 ) -> int:
+    from dev_sync.engine import Engine
+
     human: Reporter = JsonReporter() if as_json else ConsoleReporter()
     status = StatusReporter(
         files,
@@ -242,10 +244,6 @@ def _run_session(
     )
     # rsync's per-file progress lines cost CPU to parse: only for a visible bar.
     progress = isinstance(human, ConsoleReporter) and human.console.is_terminal
-    # The config is valid and the session is ours: an rsync started early may go.
-    prestart.release(progress=progress)
-    from dev_sync.engine import Engine
-
     engine = Engine(config, Fanout([human, status]), once=once, adopt=adopt,
                     allow_delete=allow_delete, progress=progress,
                     state_dir=files.dir, forwards=forwards)

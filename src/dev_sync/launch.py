@@ -1,4 +1,4 @@
-"""The ``dev-sync`` executable: start ``up``'s SSH handshake, then load the CLI."""
+"""The ``dev-sync`` executable: give ``up`` its head start (see prestart), then load the CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dev_sync import prestart
 
     prestart.maybe_start(args)
+    prestart.validate(args)
     from dev_sync.cli import main as cli_main
 
     return cli_main(args)

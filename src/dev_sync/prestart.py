@@ -41,12 +41,19 @@ _started: tuple[list[str], subprocess.Popen[bytes]] | None = None
 _head: HeadStart | None = None
 
 
-def _config_path(args: Sequence[str]) -> Path | None:
+def _explicit_config(args: Sequence[str]) -> Path | None:
     for i, arg in enumerate(args):
         if arg == "--config" and i + 1 < len(args):
             return Path(args[i + 1])
         if arg.startswith("--config="):
             return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _config_path(args: Sequence[str]) -> Path | None:
+    explicit = _explicit_config(args)
+    if explicit is not None:
+        return explicit
     here = Path.cwd()
     for folder in (here, *here.parents):
         candidate = folder / "dev-sync.toml"
@@ -96,10 +103,18 @@ def _personal_config_exists() -> bool:
     return (base / "dev-sync" / "config.toml").exists()
 
 
+_PLAIN_FLAGS = frozenset({"--once", "--json", "--allow-delete", "--forward"})
+
+
 def _plan(args: Sequence[str], data: dict[str, Any], path: Path, target: Target) -> Plan | None:
     """The head start's plan, or None at the least doubt."""
-    if "--adopt" in args or any(a == "--env" or a.startswith("--env=") for a in args):
-        return None
+    rest = list(args[1:])
+    while rest:  # only flags known to change nothing here (not --adopt, not --env)
+        arg = rest.pop(0)
+        if arg == "--config" and rest:
+            rest.pop(0)
+        elif arg not in _PLAIN_FLAGS and not arg.startswith("--config="):
+            return None
     if "env" in data or _personal_config_exists():
         return None
     remote, sync = data.get("remote"), data.get("sync", {})
@@ -177,13 +192,50 @@ def discard() -> None:
             proc.wait()
 
 
-def release(*, progress: bool) -> None:
-    """The CLI has validated the whole config: the first rsync pass may start.
+def validate(args: Sequence[str]) -> None:
+    """Let the early rsync start once the whole config is known to be valid.
 
-    ``progress``: whether the session shows a bar (then rsync reports progress).
+    Called by the launcher before the CLI loads: the CLI needs these modules
+    first anyway, and validates the same file again. If it is invalid, or not
+    what the head start read, nothing more starts (the CLI reports the error).
     """
-    if _head is not None:
-        _head.release(progress)
+    try:
+        _validate(args)
+    except Exception:  # never in the way of the CLI, which reports what is wrong
+        _drop_head()
+
+
+def _validate(args: Sequence[str]) -> None:
+    head = _head
+    if head is None:
+        return
+    from dev_sync.config import find_config, load_config
+    from dev_sync.errors import DevSyncError
+
+    plan = head.plan
+    try:
+        config = load_config(_explicit_config(args) or find_config(), None)
+    except DevSyncError:
+        _drop_head()  # the CLI says why
+        return
+    same = (
+        Target.from_config(config) == plan.target
+        and config.local_root == plan.local_root
+        and config.remote.path == plan.remote_root
+        and config.remote.rsync_path == plan.rsync_path
+        and tuple(config.sync.exclude) == plan.exclude
+        and config.sync.gitignore == plan.gitignore
+    )
+    if not same:
+        _drop_head()
+        return
+    # As the CLI decides it: a progress bar only on a terminal, never with --json.
+    progress = False
+    if "--json" not in args:
+        from rich.console import Console
+
+        progress = Console(highlight=False).is_terminal
+    head.release(progress)
 
 
 async def adopt_probe(argv: Sequence[str]) -> runner.Result | None:
@@ -316,6 +368,9 @@ class HeadStart:
         assert real is not None
         read_end, self._relay = os.pipe()
         master.stdout = open(read_end, "rb")  # noqa: SIM115 - SshMaster owns and closes it
+        self._rules: list[str] | None = None
+        self._walker = threading.Thread(target=self._read_rules, daemon=True)
+        self._walker.start()
         self._thread = threading.Thread(target=self._main, args=(real,), daemon=True)
         self._thread.start()
 
@@ -360,24 +415,37 @@ class HeadStart:
         version = info.rsync_version
         if not info.fresh or version is None or version < commands.MIN_RSYNC:
             return
-        local = _local_rsync_version()
-        if local is None or local < commands.MIN_RSYNC or not self.plan.local_root.is_dir():
+        self._walker.join()
+        rules = self._rules
+        if rules is None:
             return
-        from dev_sync.ignore import RuleSet, walk_dirs
-
-        plan = self.plan
-        rules = RuleSet(plan.local_root, plan.exclude, plan.gitignore)
-        for _ in walk_dirs(rules):  # loads every .gitignore, as the engine does
-            pass
         self._gate.wait()
         base = commands.rsync_base(
-            commands.rsync_rsh(plan.target), plan.rsync_path, rules.rsync_filter_rules()
+            commands.rsync_rsh(self.plan.target), self.plan.rsync_path, rules
         )
+        plan = self.plan
         argv = commands.reconcile_argv(
             base, plan.local_root, commands.destination(plan.target, plan.remote_root),
             fresh=True, progress=self._progress, first_pass=True,
         )
         self._start("rsync", argv)
+
+    def _read_rules(self) -> None:
+        """The rsync filter rules, as the engine will have them (its rules walk
+        the tree and load every .gitignore); None if rsync cannot run here."""
+        plan = self.plan
+        try:
+            local = _local_rsync_version()
+            if local is None or local < commands.MIN_RSYNC or not plan.local_root.is_dir():
+                return
+            from dev_sync.ignore import RuleSet, walk_dirs
+
+            rules = RuleSet(plan.local_root, plan.exclude, plan.gitignore)
+            for _ in walk_dirs(rules):
+                pass
+            self._rules = rules.rsync_filter_rules()
+        except Exception:  # no head start then
+            return
 
     def _start(self, what: str, argv: list[str]) -> None:
         with self._lock:
