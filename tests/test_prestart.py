@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,10 @@ from helpers import IgnoreFn, Project, wait_in_sync, wait_until
 
 from dev_sync import cli, prestart
 from dev_sync.config import load_config
+from dev_sync.errors import DevSyncError
+from dev_sync.pusher import DeleteGuard, RsyncPusher
 from dev_sync.ssh import SshMaster
+from dev_sync.state import SessionFiles
 from dev_sync.target import Target
 
 
@@ -216,3 +222,76 @@ def test_a_config_that_fails_validation_starts_no_rsync(project: Project) -> Non
     assert fixed.returncode == 0, fixed.stderr
     wait_in_sync(project.local, project.remote,
                  ignore=_ignored({"node_modules/", "build/"}), timeout=1)
+
+
+def test_on_a_terminal_the_adopted_rsync_feeds_the_progress_bar(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a bar to show, the early pass runs with --info=progress2 and its output
+    reaches the engine's bar through the reader thread."""
+    log = _rsync_logger(project)
+    _fill(project.local)
+    (project.local / "big.bin").write_bytes(os.urandom(4 << 20))
+    monkeypatch.setenv("DEV_SYNC_STATE_DIR", str(tmp_path / "state"))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dev_sync", "up", "--once", "--config", str(project.config)],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"in sync" in screen
+    status = SessionFiles(project.config).read_status()
+    assert status is not None and status["last_push"]["head_start"] is True
+    assert _calls(log) == (1, 1)
+    wait_in_sync(project.local, project.remote,
+                 ignore=_ignored({"node_modules/", "build/"}), timeout=1)
+
+
+def test_an_adopted_run_is_read_without_blocking_the_loop() -> None:
+    """Progress lines of a run started early reach the loop as they come, and a
+    failure is classified as for any rsync run."""
+    line = "  {b:,}  {p}%%  1.00MB/s  0:00:01 (xfr#{p}, to-chk={r}/10)\r"
+    script = "".join(f"printf '{line.format(b=p * 1000, p=p, r=10 - p)}'; sleep 0.05; "
+                     for p in range(1, 10))
+    run = prestart.Run(["sh", "-c", script + "echo 'Number of files: 10'; exit 24"])
+    pusher = RsyncPusher(Path("/nonexistent"), "/srv/x", SshMaster(Target("h")), "rsync",
+                         list, DeleteGuard())
+    seen: list[int] = []
+    ticks = 0
+
+    async def go() -> bytes:
+        nonlocal ticks
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        result = await pusher._adopted(run, frozenset({0, 24}), lambda p: seen.append(p.percent))
+        ticker.cancel()
+        return result.stdout
+
+    out = asyncio.run(go())
+    assert seen == list(range(1, 10))
+    assert b"Number of files: 10" in out
+    assert ticks >= 20  # the loop kept running while the run went on (~0.45 s)
+
+    failing = prestart.Run(["sh", "-c", "echo 'rsync: write failed: No space left on device' >&2;"
+                                        " exit 11"])
+    with pytest.raises(DevSyncError, match="disk holding /srv/x is full"):
+        asyncio.run(pusher._adopted(failing, frozenset({0}), None))
