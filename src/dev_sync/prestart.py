@@ -6,14 +6,21 @@ every ``up`` pays. This module reads the config with the standard library,
 starts the master connection, and lets :class:`dev_sync.ssh.SshMaster` adopt
 it if the fully validated config asks for exactly the same command.
 
-A thread then goes one step further, for the common first ``up`` into a new
-remote folder: once the master is ready it runs the remote probe
-(:func:`dev_sync.remote.prepare`'s, same command line), and if that probe has
-just created the root (nothing there can be lost) it reads the ignore rules
-and, as soon as the CLI has validated the whole config (:func:`release`),
-starts the reconcile's first rsync pass, which never deletes. The engine
-adopts each of them only if it would have run exactly the same command line;
-anything else is stopped and the normal path runs.
+Threads then go one step further, for the common first ``up`` into a new
+remote folder: once the master is ready one runs the remote probe
+(:func:`dev_sync.remote.prepare`'s, same command line) while another walks
+the tree for its ignore rules; if the probe has just created the root
+(nothing there can be lost), the reconcile's first rsync pass, which never
+deletes, starts as soon as :func:`validate` (called by the launcher, with the
+same ``load_config`` the CLI then uses) has found the whole config valid.
+The engine adopts each of them only if it would have run exactly the same
+command line (:func:`adopt_probe`, :func:`adopt_rsync`); anything else is
+stopped and waited for, and the normal path runs. So a config the CLI
+rejects never gets an early rsync; at most the probe has created the empty
+root with its marker, which the next ``up`` finds and uses. A ``.gitignore``
+changed between the early walk and the engine's makes the rules differ: the
+early pass is stopped, and what it had already sent that the new rules
+exclude stays on the remote (excluded paths are never deleted).
 
 Anything unusual (no config, odd values, a socket already there, another
 environment, ``--adopt``) means no head start, never a different behaviour.
