@@ -32,6 +32,7 @@ import atexit
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -438,19 +439,21 @@ class HeadStart:
         self._start("rsync", argv)
 
     def _read_rules(self) -> None:
-        """The rsync filter rules, as the engine will have them (its rules walk
-        the tree and load every .gitignore); None if rsync cannot run here."""
+        """The rsync filter rules, as the engine will have them; None if rsync cannot
+        run here. The walk runs in a process of its own: in a thread here it would
+        hold the interpreter lock the loading program needs."""
         plan = self.plan
         try:
+            walker = subprocess.Popen(
+                [sys.executable, "-P", "-c", _WALK, str(plan.local_root),
+                 "1" if plan.gitignore else "0", *plan.exclude],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
             local = _local_rsync_version()
-            if local is None or local < commands.MIN_RSYNC or not plan.local_root.is_dir():
+            out, _ = walker.communicate()
+            if walker.returncode != 0 or local is None or local < commands.MIN_RSYNC:
                 return
-            from dev_sync.ignore import RuleSet, walk_dirs
-
-            rules = RuleSet(plan.local_root, plan.exclude, plan.gitignore)
-            for _ in walk_dirs(rules):
-                pass
-            self._rules = rules.rsync_filter_rules()
+            self._rules = [os.fsdecode(rule) for rule in out.split(b"\0")[:-1]]
         except Exception:  # no head start then
             return
 
@@ -502,6 +505,20 @@ class HeadStart:
         self._gate.set()
         if rsync is not None:
             rsync.stop()
+
+
+# Loads every .gitignore as the engine does (dev_sync.engine._read_rules), then
+# prints the rules, NUL-terminated, as the bytes rsync gets.
+_WALK = """
+import os, sys
+from pathlib import Path
+from dev_sync.ignore import RuleSet, walk_dirs
+root, gitignore, *exclude = sys.argv[1:]
+rules = RuleSet(Path(root), exclude, gitignore == "1")
+for _ in walk_dirs(rules):
+    pass
+sys.stdout.buffer.write(b"".join(os.fsencode(r) + b"\\0" for r in rules.rsync_filter_rules()))
+"""
 
 
 def _local_rsync_version() -> tuple[int, ...] | None:
