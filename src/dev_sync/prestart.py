@@ -29,6 +29,7 @@ environment, ``--adopt``) means no head start, never a different behaviour.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import subprocess
@@ -361,9 +362,13 @@ class HeadStart:
         self.plan = plan
         self._lock = threading.Lock()
         self._cancelled = False
-        self._gate = threading.Event()
-        self._decided = threading.Event()
+        self._released = False
         self._progress = False
+        # The first pass's argv without and with progress, once the probe and the
+        # walk allow it; whichever comes last of this and release() starts it.
+        self._argvs: tuple[list[str], list[str]] | None = None
+        self._spawned = False
+        self._decided = threading.Event()  # set: nothing more will be started
         self._probe: Run | None = None
         self._rsync: Run | None = None
         self.probe_argv = commands.ssh_command(
@@ -391,7 +396,10 @@ class HeadStart:
         except Exception:  # a head start never changes the outcome
             self.cancel()
         finally:
-            self._decided.set()
+            with self._lock:
+                gave_up = self._argvs is None
+            if gave_up:
+                self._decided.set()
         for _ in iter(real.readline, b""):  # nothing more comes; close at the master's exit
             pass
         real.close()
@@ -402,7 +410,7 @@ class HeadStart:
                 if READY.encode() in line:
                     # Started before the engine can see READY, so that it finds
                     # the probe when it gets there.
-                    self._start("probe", self.probe_argv)
+                    self._start_probe()
                     os.write(self._relay, line)
                     return True
                 os.write(self._relay, line)
@@ -427,16 +435,29 @@ class HeadStart:
         rules = self._rules
         if rules is None:
             return
-        self._gate.wait()
-        base = commands.rsync_base(
-            commands.rsync_rsh(self.plan.target), self.plan.rsync_path, rules
-        )
         plan = self.plan
-        argv = commands.reconcile_argv(
-            base, plan.local_root, commands.destination(plan.target, plan.remote_root),
-            fresh=True, progress=self._progress, first_pass=True,
+        base = commands.rsync_base(commands.rsync_rsh(plan.target), plan.rsync_path, rules)
+        dest = commands.destination(plan.target, plan.remote_root)
+        without, with_progress = (
+            commands.reconcile_argv(base, plan.local_root, dest, fresh=True, progress=progress,
+                                    first_pass=True)
+            for progress in (False, True)
         )
-        self._start("rsync", argv)
+        with self._lock:
+            self._argvs = (without, with_progress)
+            released = self._released
+        if released:
+            self._start_rsync()
+
+    def _start_rsync(self) -> None:
+        with self._lock:
+            if self._argvs is not None and not self._spawned and not self._cancelled:
+                self._spawned = True
+                argv = self._argvs[1 if self._progress else 0]
+                # If it cannot start, there is no head start: the engine runs it itself.
+                with contextlib.suppress(Exception):
+                    self._rsync = Run(argv)
+        self._decided.set()
 
     def _read_rules(self) -> None:
         """The rsync filter rules, as the engine will have them; None if rsync cannot
@@ -457,24 +478,27 @@ class HeadStart:
         except Exception:  # no head start then
             return
 
-    def _start(self, what: str, argv: list[str]) -> None:
+    def _start_probe(self) -> None:
         with self._lock:
             if self._cancelled:
                 return
             try:
-                run = Run(argv)
+                self._probe = Run(self.probe_argv)
             except Exception:  # no head start then: the engine runs it itself
                 return
-            if what == "probe":
-                self._probe = run
-            else:
-                self._rsync = run
 
     # -- the engine's side -------------------------------------------------------
 
     def release(self, progress: bool) -> None:
-        self._progress = progress
-        self._gate.set()
+        """The config is valid: start the first pass now if it is ready (in the
+        caller's thread, which holds the interpreter lock anyway), else as soon as
+        it is."""
+        with self._lock:
+            self._progress = progress
+            self._released = True
+            ready = self._argvs is not None
+        if ready:
+            self._start_rsync()
 
     def take_probe(self, argv: list[str]) -> Run | None:
         with self._lock:
@@ -485,8 +509,9 @@ class HeadStart:
 
     def take_rsync(self, argv: list[str]) -> Run | None:
         """Blocking: waits for the thread to have started the rsync or given up."""
-        if not self._gate.is_set():
-            return None  # nobody released it: not a session started by the CLI
+        with self._lock:
+            if not self._released:
+                return None  # nobody released it: not a session started by the CLI
         self._decided.wait()
         with self._lock:
             run, self._rsync = self._rsync, None
@@ -502,7 +527,7 @@ class HeadStart:
         with self._lock:
             self._cancelled = True
             rsync, self._rsync = self._rsync, None
-        self._gate.set()
+        self._decided.set()
         if rsync is not None:
             rsync.stop()
 
