@@ -48,6 +48,27 @@ def test_odd_values_mean_no_head_start(tmp_path: Path) -> None:
     assert prestart._started is None
 
 
+def test_only_a_plain_up_gets_more_than_the_master(project: Project,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = str(project.config)
+    plain = ["up", "--once", "--json", "--config", cfg]
+    for args in (["up", "--adopt", "--config", cfg], ["up", "--env", "x", "--config", cfg],
+                 ["up", f"--config={cfg}", "--env=x"], ["up", "--config", cfg, "--bogus"]):
+        prestart.maybe_start(args)
+        assert prestart._started is not None and prestart._head is None, args
+        prestart.discard()
+    monkeypatch.setenv("DEV_SYNC_ENV", "x")  # a personal choice may be another environment
+    prestart.maybe_start(plain)
+    assert prestart._started is not None and prestart._head is None
+    prestart.discard()
+    monkeypatch.delenv("DEV_SYNC_ENV")
+    prestart.maybe_start(plain)
+    assert prestart._head is not None
+    prestart.discard()
+    assert not project.remote.exists() or [p.name for p in project.remote.iterdir()] == [
+        ".dev-sync-root"]
+
+
 def test_the_session_adopts_the_early_master(project: Project) -> None:
     prestart.maybe_start(["up", "--once", "--config", str(project.config)])
     assert prestart._started is not None

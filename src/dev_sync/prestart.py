@@ -8,8 +8,8 @@ it if the fully validated config asks for exactly the same command.
 
 Threads then go one step further, for the common first ``up`` into a new
 remote folder: once the master is ready one runs the remote probe
-(:func:`dev_sync.remote.prepare`'s, same command line) while another walks
-the tree for its ignore rules; if the probe has just created the root
+(:func:`dev_sync.remote.prepare`'s, same command line) while a process of its
+own walks the tree for the ignore rules; if the probe has just created the root
 (nothing there can be lost), the reconcile's first rsync pass, which never
 deletes, starts as soon as :func:`validate` (called by the launcher, with the
 same ``load_config`` the CLI then uses) has found the whole config valid.
