@@ -299,10 +299,10 @@ def test_no_head_start_for_a_cloud_vm(tmp_path: Path) -> None:
     """``up`` starts ssh before loading the program, but a cloud VM may be stopped or moved."""
     path = tmp_path / "dev-sync.toml"
     path.write_text('[remote]\nhost = "devbox"\npath = "/srv/app"\n')
-    assert prestart._target(path) is not None
+    assert prestart._early_target(path) is not None
     path.write_text('[remote]\nhost = "devbox"\npath = "/srv/app"\n[remote.cloud]\n'
                     'provider = "aws"\nregion = "eu-west-1"\ninstance_id = "i-0123456789abcdef0"\n')
-    assert prestart._target(path) is None
+    assert prestart._early_target(path) is None
 
 
 def test_up_without_cloud_never_loads_boto3(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ the file, the key and what was expected, and exits 2.
 from __future__ import annotations
 
 import os
-import posixpath
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from dev_sync.commands import FORBIDDEN_ROOTS as FORBIDDEN_ROOTS
+from dev_sync.commands import check_host as check_host
+from dev_sync.commands import check_program
+from dev_sync.commands import check_remote_root as check_remote_root
 from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
 from dev_sync.idle import IdleConfig
@@ -32,47 +35,6 @@ from dev_sync.provision import ProvisionConfig
 from dev_sync.services import ServiceConfig, ServiceName
 
 CONFIG_NAME = "dev-sync.toml"
-
-# Remote roots that are never a project folder: syncing with deletions into
-# one of them would wipe a system or a home directory.
-FORBIDDEN_ROOTS = frozenset(
-    {
-        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media",
-        "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr",
-        "/usr/local", "/var", "/var/lib", "/var/tmp", "/Users", "/Applications", "/System",
-        "/Library", "/private", "/private/tmp", "/Volumes",
-    }
-)
-
-
-def check_remote_root(path: str) -> str:
-    """Return the normalised remote root, or raise ValueError saying why it is refused."""
-    if not path.startswith("/"):
-        raise ValueError(f"must be an absolute path (starting with /), got {path!r}")
-    if "\0" in path or "\n" in path:
-        raise ValueError("must not contain NUL or newline characters")
-    parts = path.split("/")
-    if ".." in parts:
-        raise ValueError(f"must not contain '..' components, got {path!r}")
-    norm = posixpath.normpath(path)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    if norm in FORBIDDEN_ROOTS:
-        raise ValueError(f"{norm!r} is a system directory; use a project folder such as /srv/app")
-    head, _, _ = norm.rpartition("/")
-    if head in ("/home", "/Users"):
-        raise ValueError(f"{norm!r} is a home directory; use a folder inside it, e.g. {norm}/app")
-    return norm
-
-
-def check_host(value: str) -> str:
-    """An ssh destination ssh cannot read as an option, or raise ValueError saying why."""
-    if not value or value.startswith("-") or any(c.isspace() for c in value):
-        raise ValueError(
-            f"must be an ssh destination such as devbox or dev@10.0.0.5, got {value!r}"
-        )
-    return value
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -175,9 +137,7 @@ class RemoteConfig(_Strict):
     @field_validator("rsync_path", "python")
     @classmethod
     def _rsync_path(cls, value: str) -> str:
-        if value.startswith("-") or any(c.isspace() for c in value):
-            raise ValueError(f"must be a program name or path without spaces, got {value!r}")
-        return value
+        return check_program(value)
 
     @field_validator("user")
     @classmethod

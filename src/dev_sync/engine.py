@@ -338,7 +338,7 @@ class Engine:
             self.batcher.request_full("the remote agent stopped")
         self.reporter.emit(
             Reconciled(stats.files, stats.size, stats.deleted, stats.total,
-                       round(stats.seconds * 1000), reasons)
+                       round(stats.seconds * 1000), reasons, stats.head_start)
         )
         if self.watcher is not None and not self.once:
             self._state("watching")

@@ -64,6 +64,8 @@ class Reconciled(Event):
     total: int
     ms: int
     reasons: tuple[str, ...] = ()
+    # The first pass was started before the program had loaded (dev_sync.prestart).
+    head_start: bool = False
 
 
 @dataclass(frozen=True)

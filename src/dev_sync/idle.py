@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from dev_sync import runner
+from dev_sync.commands import ACTIVITY_TOUCH_SH
 from dev_sync.errors import ConnectionFailed, DevSyncError
 from dev_sync.services import _SH_COMMON, Remote, _put_args, _systemd_escape
 
@@ -131,14 +132,6 @@ HEARTBEAT_INTERVAL = 120.0
 
 HEARTBEAT_MIN_GAP = 15.0
 """Pushes closer together than this share one touch: the watcher looks once a minute."""
-
-# Touch the activity file, creating its folder; $DEV_SYNC_IDLE_HOME relocates it.
-ACTIVITY_TOUCH_SH = (
-    'a=${DEV_SYNC_IDLE_HOME:+$DEV_SYNC_IDLE_HOME/activity}; '
-    'a=${a:-$HOME/.local/state/dev-sync/activity}; '
-    'mkdir -p -- "${a%/*}" && touch -- "$a"'
-)
-
 
 def heartbeat_argv() -> list[str]:
     """The remote command that marks the VM as in use (for :meth:`SshMaster.run`)."""

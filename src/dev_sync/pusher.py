@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dev_sync import runner
+from dev_sync import commands, prestart, runner
 from dev_sync.errors import DevSyncError, SafetyStop
 from dev_sync.runner import CommandError
 from dev_sync.ssh import SshMaster
@@ -56,6 +56,7 @@ class Stats:
     # (path, where the remote's own edit of it was kept) for each conflict
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     via: str = "rsync"      # rsync | agent | agent+rsync
+    head_start: bool = False  # the rsync started before the program loaded (prestart)
 
 
 @dataclass(frozen=True)
@@ -204,17 +205,9 @@ class RsyncPusher:
         return f"{self.master.target.host}:{self.remote_root}/"
 
     def _base(self) -> list[str]:
-        args = [
-            "rsync", "--recursive", "--links", "--perms", "--times",
-            "--secluded-args", "--no-human-readable", "--stats",
-            # Compare mtimes to the nanosecond: two saves of the same size
-            # within one second must not look unchanged.
-            "--modify-window=-1",
-            "-e", self.master.rsync_rsh(),
-            f"--rsync-path={self.rsync_path}",
-        ]
-        args += [f"--filter={rule}" for rule in self.filter_rules()]
-        return args
+        return commands.rsync_base(
+            self.master.rsync_rsh(), self.rsync_path, self.filter_rules()
+        )
 
     async def _rsync(
         self,
@@ -230,6 +223,9 @@ class RsyncPusher:
             result = await runner.arun(argv, input=data, check=False)
         else:
             result = await self._rsync_with_progress(argv, data, progress)
+        return await self._checked(result, ok)
+
+    async def _checked(self, result: runner.Result, ok: frozenset[int]) -> runner.Result:
         full_disk = result.returncode == PARTIAL and _DISK_FULL.search(result.stderr)
         if result.returncode not in ok or full_disk:
             error = classify_failure(
@@ -241,6 +237,28 @@ class RsyncPusher:
                 error = await self._explain_io_error(error)
             raise error
         return result
+
+    async def _adopted(
+        self, run: prestart.Run, ok: frozenset[int], progress: Callable[[Progress], None] | None
+    ) -> runner.Result:
+        """Finish an rsync started before the program loaded (see dev_sync.prestart)."""
+        if progress is not None:
+            loop = asyncio.get_running_loop()
+
+            def relay(raw: bytes) -> None:  # in the run's reader thread
+                info = parse_progress(raw.decode("utf-8", "replace"))
+                if info is not None:
+                    loop.call_soon_threadsafe(progress, info)
+
+            run.listen(relay)
+        try:
+            result = await asyncio.to_thread(run.result)
+        except asyncio.CancelledError:
+            run.listen(None)
+            await asyncio.to_thread(run.stop)
+            raise
+        run.listen(None)
+        return await self._checked(result, ok)
 
     async def _explain_io_error(self, error: Exception) -> Exception:
         """rsync's own message about a failed write is sometimes lost with the
@@ -300,20 +318,27 @@ class RsyncPusher:
         has changed.
         """
         started = time.monotonic()
-        src = f"{self.local_root}/"
-        base = [*self._base(), "--delete"]
-        if not fresh:
-            base.append("--no-inc-recursive")
-        if progress is not None:
-            base.append("--info=progress2")
+        base = self._base()
+
+        def argv(first_pass: bool) -> list[str]:
+            return commands.reconcile_argv(
+                base, self.local_root, self.destination, fresh=fresh,
+                progress=progress is not None, first_pass=first_pass,
+            )
+
         # First pass transfers everything but deletes nothing, counting what
         # it would delete; a second, cheap pass deletes when that is safe.
-        first = await self._rsync(
-            [*base, "--max-delete=0", src, self.destination],
-            ok=frozenset({0, VANISHED, MAX_DELETE}),
-            progress=progress,
-        )
+        first_ok = frozenset({0, VANISHED, MAX_DELETE})
+        first_argv = argv(True)
+        # `dev-sync up` may have started this very pass while it was loading.
+        early = await prestart.adopt_rsync(first_argv)
+        if early is not None:
+            started = min(started, early.started)  # its whole run, for the figures
+            first = await self._adopted(early, first_ok, progress)
+        else:
+            first = await self._rsync(first_argv, ok=first_ok, progress=progress)
         stats = parse_stats(first.stdout)
+        stats.head_start = early is not None
         pending = 0
         if first.returncode == MAX_DELETE:
             m = _SKIPPED.search(first.stderr)
@@ -321,7 +346,7 @@ class RsyncPusher:
         if pending:
             local_empty = not any(os.scandir(self.local_root))
             self.guard.check(pending, stats.total + pending, local_empty=local_empty)
-            second = await self._rsync([*base, src, self.destination])
+            second = await self._rsync(argv(False))
             stats.deleted = parse_stats(second.stdout).deleted
         self.remote_total = stats.total
         stats.seconds = time.monotonic() - started
@@ -422,11 +447,9 @@ class RsyncPusher:
 
 def local_rsync_version() -> tuple[int, ...] | None:
     """The local rsync's version, or None when it is missing."""
-    from dev_sync.remote import parse_rsync_version
-
     exe = shutil.which("rsync")
     if exe is None:
         return None
     with contextlib.suppress(CommandError):
-        return parse_rsync_version(runner.run([exe, "--version"]).out.splitlines()[0])
+        return commands.parse_rsync_version(runner.run([exe, "--version"]).out.splitlines()[0])
     return None

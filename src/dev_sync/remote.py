@@ -8,67 +8,19 @@ to a fixed script as positional arguments, never pasted into it.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
+from dev_sync import prestart
+from dev_sync.commands import MARKER as MARKER
+from dev_sync.commands import MIN_RSYNC as MIN_RSYNC
+from dev_sync.commands import RemoteInfo as RemoteInfo
+from dev_sync.commands import parse_probe, probe_argv
+from dev_sync.commands import parse_rsync_version as parse_rsync_version
 from dev_sync.errors import DevSyncError, SafetyStop
-from dev_sync.idle import ACTIVITY_TOUCH_SH
 from dev_sync.runner import CommandError
 from dev_sync.ssh import SshMaster, classify_ssh_failure
 
-MARKER = ".dev-sync-root"
-MIN_RSYNC = (3, 2, 3)
-
-# $1 = remote root, $2 = "create" | "adopt" | "check", $3 = text for the marker,
-# $4 = the rsync program. A session starting is use of the machine: the last
-# line marks it for the idle watcher (see dev_sync.idle), never failing the probe.
-_PREPARE = r"""
-root=$1; mode=$2
-printf 'rsync=%s\n' "$("$4" --version 2>/dev/null | head -n 1)"
-if [ "$root" = "$HOME" ] || [ "$root/" = "$HOME" ]; then echo state=home; exit 0; fi
-if [ -e "$root/.dev-sync-root" ]; then state=marked
-elif [ -d "$root" ]; then
-  if [ -z "$(ls -A -- "$root" 2>/dev/null)" ]; then state=empty; else state=nonempty; fi
-elif [ -e "$root" ] || [ -L "$root" ]; then state=notdir
-else state=missing; fi
-echo "state=$state"
-case "$mode:$state" in
-  create:missing|create:empty|adopt:missing|adopt:empty|adopt:nonempty)
-    mkdir -p -- "$root" && printf '%s\n' "$3" > "$root/.dev-sync-root" && echo created=1 ;;
-esac
-df -Pk -- "$root" 2>/dev/null | awk 'NR==2 {print "free_kb=" $4}'
-""" + f"({ACTIVITY_TOUCH_SH}) 2>/dev/null || :\n"
-
-
-@dataclass(frozen=True)
-class RemoteInfo:
-    rsync_version: tuple[int, ...] | None
-    rsync_banner: str
-    state: str  # marked | empty | nonempty | missing | notdir | home
-    created: bool
-    free_kb: int | None
-
-
-def parse_rsync_version(banner: str) -> tuple[int, ...] | None:
-    m = re.search(r"version\s+v?(\d+)\.(\d+)\.(\d+)", banner)
-    return tuple(int(x) for x in m.groups()) if m else None
-
-
-def _parse(out: str) -> RemoteInfo:
-    values: dict[str, str] = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip()
-    banner = values.get("rsync", "")
-    free = values.get("free_kb", "")
-    return RemoteInfo(
-        rsync_version=parse_rsync_version(banner),
-        rsync_banner=banner,
-        state=values.get("state", "unknown"),
-        created=values.get("created") == "1",
-        free_kb=int(free) if free.isdigit() else None,
-    )
+# The probe's script and parser live in dev_sync.commands: `dev-sync up` may
+# have run this very probe before the program loaded (see dev_sync.prestart).
+_parse = parse_probe
 
 
 def check_rsync(info: RemoteInfo, host: str, program: str = "rsync") -> None:
@@ -93,10 +45,11 @@ async def prepare(
 ) -> RemoteInfo:
     """Probe the remote and create the marked root if that is safe; raise if it is not."""
     mode = "adopt" if adopt else ("create" if create else "check")
-    marker_text = "This folder is kept in sync by dev-sync. Do not edit files here by hand."
-    argv = ["sh", "-c", _PREPARE, "dev-sync", root, mode, marker_text, rsync]
+    argv = probe_argv(root, mode, rsync)
     try:
-        result = await master.run(argv)
+        # The same probe, started early over the same master, if there was one.
+        early = await prestart.adopt_probe(master.command(argv))
+        result = await master.run(argv) if early is None else early
     except CommandError as exc:
         if exc.returncode == 255:
             raise classify_ssh_failure(master.target, exc.err, exc.returncode) from None
