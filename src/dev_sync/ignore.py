@@ -372,6 +372,8 @@ class RuleSet:
         )
         # Directory (relative, "" for the root) -> patterns of its .gitignore.
         self._files: dict[str, list[_Pattern]] = {}
+        # Folder -> excluded by its own rules (ancestors aside); see is_excluded.
+        self._folder_cache: dict[str, bool] = {}
 
     def load_dir(self, rel_dir: str, *, included: bool = False) -> None:
         """Read (or re-read) ``<root>/<rel_dir>/.gitignore``, or forget it if it is gone.
@@ -382,6 +384,7 @@ class RuleSet:
         Like git, a .gitignore that is a symlink is not followed.
         """
         self._files.pop(rel_dir, None)
+        self._folder_cache.clear()  # decisions below rel_dir may change
         if not self.gitignore or (
             rel_dir and not included and self.is_excluded(rel_dir, is_dir=True)
         ):
@@ -412,11 +415,18 @@ class RuleSet:
         if is_dir is None:
             return self.is_excluded(rel, False) or self.is_excluded(rel, True)
         parts = rel.split("/")
-        for depth in range(1, len(parts) + 1):
-            last = depth == len(parts)
-            if self._excluded_itself(parts[:depth], is_dir if last else True):
+        cache = self._folder_cache
+        for depth in range(1, len(parts)):
+            # Folders repeat from path to path (a burst lands in a few of them).
+            key = "/".join(parts[:depth])
+            excluded = cache.get(key)
+            if excluded is None:
+                if len(cache) > 100_000:
+                    cache.clear()
+                excluded = cache[key] = self._excluded_itself(parts[:depth], True)
+            if excluded:
                 return True
-        return False
+        return self._excluded_itself(parts, is_dir)
 
     def is_excluded_child(self, rel: str, is_dir: bool) -> bool:
         """:meth:`is_excluded` for a path whose parent is known to be included.
