@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -186,30 +187,27 @@ def test_doctor_says_whether_the_fast_path_can_run(project: Project) -> None:
     assert "Python 3.8" in missing.stdout
 
 
-def _processes_naming(path: Path) -> list[int]:
-    """Processes with ``path`` among their arguments (the sandbox remote is this machine)."""
+def _processes(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Processes whose argument list ``match`` accepts (the sandbox remote is this machine)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(path).encode() in args:
+        if match(args):
             found.append(int(pid))
     return found
+
+
+def _processes_naming(path: Path) -> list[int]:
+    return _processes(lambda args: str(path).encode() in args)
 
 
 def _agent_pids(project: Project) -> list[int]:
-    """The remote agent's python process (the sandbox remote is this machine)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"python" in args[0] and str(project.remote).encode() in args and b"-c" in args:
-            found.append(int(pid))
-    return found
+    """The remote agent's python process."""
+    root = str(project.remote).encode()
+    return _processes(lambda args: b"python" in args[0] and root in args and b"-c" in args)
 
 
 def test_a_killed_agent_is_restarted_and_nothing_is_lost(project: Project) -> None:

@@ -21,7 +21,16 @@ from typing import Any
 
 from dev_sync import runner
 from dev_sync.errors import AgentLost, AgentUnavailable
-from dev_sync.remote_agent import ACK, HEADER, HELLO, OUTPUT, REQUEST, decode_meta, frame
+from dev_sync.remote_agent import (
+    ACK,
+    HEADER,
+    HELLO,
+    OUTPUT,
+    REQUEST,
+    decode_meta,
+    frame,
+    take_frames,
+)
 from dev_sync.ssh import SshMaster
 
 CACHE = "~/.cache/dev-sync/agent.py"
@@ -201,17 +210,8 @@ class Agent:
         try:
             while chunk := await stream.read(1 << 20):
                 buf += chunk
-                pos = 0
-                while len(buf) - pos >= HEADER.size:
-                    kind, ident, meta_len, data_len = HEADER.unpack_from(buf, pos)
-                    start = pos + HEADER.size
-                    end = start + meta_len + data_len
-                    if len(buf) < end:
-                        break
-                    self._deliver(kind, ident, decode_meta(bytes(buf[start:start + meta_len])),
-                                  bytes(buf[start + meta_len:end]))
-                    pos = end
-                del buf[:pos]
+                for frame_ in take_frames(buf):
+                    self._deliver(*frame_)
         except (ConnectionError, ValueError):
             pass
         finally:

@@ -58,6 +58,23 @@ def frame(kind: int, ident: int, meta: Dict[str, Any], data: bytes = b"") -> byt
     return HEADER.pack(kind, ident, len(raw), len(data)) + raw + data
 
 
+def take_frames(buf: bytearray) -> List[Tuple[int, int, Dict[str, Any], bytes]]:
+    """Cut every complete frame off the front of ``buf``; a partial one stays."""
+    frames = []
+    pos = 0
+    while len(buf) - pos >= HEADER.size:
+        kind, ident, meta_len, data_len = HEADER.unpack_from(buf, pos)
+        start = pos + HEADER.size
+        end = start + meta_len + data_len
+        if len(buf) < end:
+            break
+        frames.append((kind, ident, decode_meta(bytes(buf[start:start + meta_len])),
+                       bytes(buf[start + meta_len:end])))
+        pos = end
+    del buf[:pos]
+    return frames
+
+
 def read_exact(stream: BinaryIO, size: int) -> bytes:
     chunks = []
     while size:
@@ -631,19 +648,9 @@ class Agent:
         # hello, so no request can sit in sys.stdin's buffer from the bootstrap.
         buf = bytearray()
         while True:
-            pos = 0
-            while len(buf) - pos >= HEADER.size:
-                kind, ident, meta_len, data_len = HEADER.unpack_from(buf, pos)
-                start = pos + HEADER.size
-                end = start + meta_len + data_len
-                if len(buf) < end:
-                    break
-                meta = decode_meta(bytes(buf[start:start + meta_len]))
-                data = bytes(buf[start + meta_len:end])
-                pos = end
+            for kind, ident, meta, data in take_frames(buf):
                 if kind == REQUEST:
                     self.handle(ident, meta, data)
-            del buf[:pos]
             self.release()
             chunk = os.read(fd, 1 << 20)
             if not chunk:
