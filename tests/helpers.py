@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from dev_sync import runner
+from dev_sync.config import toml_string
 from dev_sync.sandbox import SandboxInfo, client_config_lines
 
 T = TypeVar("T")
@@ -510,15 +511,7 @@ def toml_value(value: TomlValue) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        out = []
-        for ch in value:
-            if ch in '"\\':
-                out.append("\\" + ch)
-            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        return '"' + "".join(out) + '"'
+        return toml_string(value)
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return "[" + ", ".join(toml_value(v) for v in value) + "]"

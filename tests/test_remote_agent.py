@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dev_sync.remote_agent import ACK, Agent, frame, read_frame
+from dev_sync.remote_agent import ACK, Agent, frame, take_frames
 
 
 class Harness:
@@ -25,12 +25,14 @@ class Harness:
         self.n += 1
         self.agent.handle(self.n, meta, data)
         self.agent.release()
-        self.out.seek(0)
-        kind, ident, reply, _ = read_frame(self.out)
+        kind, ident, reply, _ = self.answers()[0]
         self.out.seek(0)
         self.out.truncate()
         assert (kind, ident) == (ACK, self.n)
         return reply
+
+    def answers(self) -> list[tuple[int, int, dict[str, Any], bytes]]:
+        return take_frames(bytearray(self.out.getvalue()))
 
     def write(self, rel: str, data: bytes, mode: int = 0o644, mtime_ns: int = 10**18) -> \
             dict[str, Any]:
@@ -63,7 +65,7 @@ def test_any_name_is_written_literally(h: Harness, name: str) -> None:
 def test_undecodable_names_round_trip_through_frames(h: Harness) -> None:
     name = os.fsdecode(b"bad-\xff-name")
     raw = frame(1, 7, {"op": "write", "path": name, "mode": 0o644, "mtime_ns": 0}, b"x")
-    _, ident, meta, data = read_frame(io.BytesIO(raw))
+    [(_, ident, meta, data)] = take_frames(bytearray(raw))
     h.agent.handle(ident, meta, data)
     h.agent.release()
     assert (h.root / name).read_bytes() == b"x"
@@ -203,8 +205,7 @@ def test_answers_are_held_until_the_input_runs_dry(h: Harness) -> None:
     h.agent.handle(2, {"op": "ping"}, b"")
     assert h.out.getvalue() == b""
     h.agent.release()
-    h.out.seek(0)
-    assert [read_frame(h.out)[1] for _ in range(2)] == [1, 2]
+    assert [a[1] for a in h.answers()] == [1, 2]
 
 
 def test_a_burst_of_writes_is_synced_once_and_renamed_in_order(h: Harness) -> None:
@@ -215,7 +216,6 @@ def test_a_burst_of_writes_is_synced_once_and_renamed_in_order(h: Harness) -> No
     h.agent.handle(3, {"op": "delete", "path": "g.txt"}, b"")  # any other request commits
     assert (h.root / "f.txt").read_bytes() == b"v2"
     h.agent.release()
-    h.out.seek(0)
-    answers = [read_frame(h.out) for _ in range(4)]
+    answers = h.answers()
     assert [a[1] for a in answers] == [0, 1, 2, 3] and all(a[2]["ok"] for a in answers)
     assert [p.name for p in h.root.iterdir()] == ["f.txt"]

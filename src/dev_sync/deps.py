@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # ssh imports config, which imports this module
 log = logging.getLogger(__name__)
 
 RECORD_PATH = ".dev-sync/deps.json"
-"""The install record, relative to the remote root (spelt out in _READ and _WRITE)."""
+"""The install record, relative to the remote root."""
 TAIL_LINES = 20
 # Longest output line kept (a minified bundle printed by a postinstall is one line).
 _MAX_LINE = 4096
@@ -791,21 +791,33 @@ def rerun_command(
 # --------------------------------------------------------------------------
 # The record of what was installed (on the remote)
 
-# $1 = remote root. A missing record is not an error; an unreadable one is.
+# $1 = remote root, $2 = a file name in <root>/.dev-sync/. A missing file is
+# not an error; an unreadable one is.
 _READ = r"""
-f=$1/.dev-sync/deps.json
+f=$1/.dev-sync/$2
 if [ -f "$f" ]; then cat -- "$f"; fi
 """
 
-# $1 = remote root; the JSON arrives on stdin. Temp file then rename, so a
-# reader (or a dropped connection mid-write) never sees half a record.
+# $1 = remote root, $2 = a file name; the content arrives on stdin. Temp file
+# then rename, so a reader (or a dropped connection mid-write) never sees half.
 _WRITE = r"""
 d=$1/.dev-sync
 mkdir -p -- "$d" || exit
-t=$d/deps.json.tmp.$$
-if cat > "$t" && mv -f -- "$t" "$d/deps.json"; then exit 0; fi
+t=$d/$2.tmp.$$
+if cat > "$t" && mv -f -- "$t" "$d/$2"; then exit 0; fi
 rm -f -- "$t"; exit 1
 """
+
+
+async def read_state(remote: Remote, root: str, name: str) -> bytes:
+    """A file of ``<root>/.dev-sync/`` on the remote (empty if missing); raises
+    :class:`runner.CommandError` when it cannot be asked."""
+    return (await remote.run(["sh", "-c", _READ, "dev-sync-record", root, name])).stdout
+
+
+async def write_state(remote: Remote, root: str, name: str, body: bytes) -> None:
+    """Replace a file of ``<root>/.dev-sync/`` on the remote atomically."""
+    await remote.run(["sh", "-c", _WRITE, "dev-sync-record", root, name], input=body)
 
 
 async def read_record(master: Remote, root: str) -> dict[str, str]:
@@ -815,9 +827,9 @@ async def read_record(master: Remote, root: str) -> dict[str, str]:
     heals itself); a failure to ask (connection lost) raises
     :class:`runner.CommandError`, since "empty" would reinstall everything.
     """
-    result = await master.run(["sh", "-c", _READ, "dev-sync-record", root])
+    raw = await read_state(master, root, posixpath.basename(RECORD_PATH))
     try:
-        data = json.loads(result.stdout or b"{}")
+        data = json.loads(raw or b"{}")
     except ValueError:
         return {}
     files = data.get("files") if isinstance(data, dict) else None
@@ -832,7 +844,7 @@ async def read_record(master: Remote, root: str) -> dict[str, str]:
 async def write_record(master: Remote, root: str, record: Mapping[str, str]) -> None:
     """Replace the remote record atomically; raises :class:`runner.CommandError` on failure."""
     body = json.dumps({"version": 1, "files": dict(sorted(record.items()))}, indent=1)
-    await master.run(["sh", "-c", _WRITE, "dev-sync-record", root], input=body.encode() + b"\n")
+    await write_state(master, root, posixpath.basename(RECORD_PATH), body.encode() + b"\n")
 
 
 def lock_files(rules: RuleSet, config: DepsConfig) -> list[str]:

@@ -412,7 +412,7 @@ class FastPusher:
             for entry in entries:
                 sub = f"{top}/{entry.name}"
                 is_dir = entry.is_dir(follow_symlinks=False)
-                if rules.is_excluded(sub, is_dir):
+                if rules.is_excluded_child(sub, is_dir):  # its folder is synced
                     continue
                 if is_dir:
                     stack.append(sub)

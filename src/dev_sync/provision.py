@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from dev_sync import deps
 from dev_sync.errors import DevSyncError, UsageError
 from dev_sync.events import (
     Event,
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # config imports this module for [provision]
     from dev_sync.ssh import SshMaster
 
 RECORD_PATH = ".dev-sync/provision.json"
-"""The record of finished steps, relative to the remote root (spelt out in _READ and _WRITE)."""
+"""The record of finished steps, relative to the remote root."""
 PACKAGES_STEP = "packages"
 
 _STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -315,19 +316,6 @@ def guard_argv(remote_root: str, step: Step) -> list[str]:
 # --------------------------------------------------------------------------
 # The remote record of finished steps
 
-_READ = r"""
-f=$1/.dev-sync/provision.json
-if [ -f "$f" ]; then cat -- "$f"; fi
-"""
-
-_WRITE = r"""
-d=$1/.dev-sync
-mkdir -p -- "$d" || exit
-t=$d/provision.json.tmp.$$
-if cat > "$t" && mv -f -- "$t" "$d/provision.json"; then exit 0; fi
-rm -f -- "$t"; exit 1
-"""
-
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -349,14 +337,13 @@ def parse_record(raw: bytes) -> dict[str, str]:
 
 
 async def read_record(master: SshMaster, root: str) -> dict[str, str]:
-    result = await master.run(["sh", "-c", _READ, "dev-sync-record", root])
-    return parse_record(result.stdout)
+    return parse_record(await deps.read_state(master, root, posixpath.basename(RECORD_PATH)))
 
 
 async def write_record(master: SshMaster, root: str, record: Mapping[str, str]) -> None:
     steps = {name: {"hash": digest} for name, digest in sorted(record.items())}
     body = json.dumps({"version": 1, "steps": steps}, indent=1)
-    await master.run(["sh", "-c", _WRITE, "dev-sync-record", root], input=body.encode() + b"\n")
+    await deps.write_state(master, root, posixpath.basename(RECORD_PATH), body.encode() + b"\n")
 
 
 # --------------------------------------------------------------------------
@@ -560,7 +547,6 @@ class Provisioner:
     # -- 1. packages ------------------------------------------------------------
 
     async def _packages(self, master: SshMaster) -> None:
-        from dev_sync import deps
         from dev_sync.runner import CommandError
 
         wanted = self.config.provision.packages
@@ -659,7 +645,6 @@ class Provisioner:
             await write_record(master, self.root, record)
 
     async def _run_step(self, master: SshMaster, step: Step) -> None:
-        from dev_sync import deps
 
         started = time.monotonic()
         self._emit(ProvisionStep(step.name, "running", step.display))

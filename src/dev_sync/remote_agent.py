@@ -75,23 +75,6 @@ def take_frames(buf: bytearray) -> List[Tuple[int, int, Dict[str, Any], bytes]]:
     return frames
 
 
-def read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = stream.read(size)
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(stream: BinaryIO) -> Tuple[int, int, Dict[str, Any], bytes]:
-    kind, ident, meta_len, data_len = HEADER.unpack(read_exact(stream, HEADER.size))
-    meta = decode_meta(read_exact(stream, meta_len))
-    return kind, ident, meta, read_exact(stream, data_len) if data_len else b""
-
-
 class Refused(Exception):
     """The change does not fit the fast path: dev-sync sends it with rsync instead."""
 
@@ -209,10 +192,6 @@ class Agent:
             self.hashes.pop(rel, None)
 
     # -- operations ----------------------------------------------------------
-
-    def op_write(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
-        self.stage(0, meta, data)
-        return self.commit()[0][1]
 
     # Writes are done in two steps. ``stage`` writes the data to a temporary
     # file next to its target; ``commit`` fsyncs all staged files, then renames
