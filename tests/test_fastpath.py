@@ -282,13 +282,39 @@ def test_a_read_only_folder_is_reported_per_path(project: Project) -> None:
         assert s.stop() == 0
 
 
-async def test_remote_commands_ride_the_agent(project: Project) -> None:
+def _children(pid: int) -> list[tuple[str, list[bytes]]]:
+    """The name and arguments of each child of ``pid``."""
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            found.append((stat[stat.index("(") + 1:stat.rindex(")")], args))
+    return found
+
+
+def test_the_agent_needs_no_ssh_process_of_its_own(project: Project) -> None:
+    with start(project) as s:
+        (project.local / "a.txt").write_text("a")
+        pushed_via(s, "a.txt")
+        ssh = [args for name, args in _children(s.proc.pid) if name == "ssh"]
+        assert len(ssh) == 1 and b"-M" in ssh[0], ssh  # the master, nothing else
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["on-the-master", "ssh-client"])
+async def test_remote_commands_ride_the_agent(project: Project, direct: bool) -> None:
     target = Target(project.sandbox.host, None, None, project.sandbox.ssh_config, 10.0)
     master = SshMaster(target)
     await master.connect()
     project.remote.mkdir()
     try:
-        agent = await Agent.start(master, str(project.remote))
+        agent = await Agent.start(master, str(project.remote), direct=direct)
+        ssh_children = [name for name, _ in _children(os.getpid()) if name == "ssh"]
+        assert len(ssh_children) == (1 if direct else 2)
         channel = Channel(master)
         parent = ["sh", "-c", 'tr "\\0" " " < /proc/$PPID/cmdline']
         via_ssh = await channel.run(parent)

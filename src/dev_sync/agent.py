@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from dev_sync import runner
+from dev_sync import mux, runner
 from dev_sync.errors import AgentLost, AgentUnavailable
 from dev_sync.remote_agent import (
     ACK,
@@ -94,7 +94,7 @@ class Reply:
 class Agent:
     """One running agent for one remote root."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any]) -> None:
+    def __init__(self, proc: runner.Child, hello: dict[str, Any]) -> None:
         self.proc = proc
         self.hello = hello
         self._next = 1
@@ -106,16 +106,28 @@ class Agent:
 
     @classmethod
     async def start(
-        cls, master: SshMaster, root: str, python: str = "python3", cache: str | None = None
+        cls, master: SshMaster, root: str, python: str = "python3", cache: str | None = None,
+        *, direct: bool = True,
     ) -> Agent:
         """Start the agent for ``root``; the cached copy lives at ``cache`` on the remote
-        (``$DEV_SYNC_AGENT_CACHE`` here, else ``~/.cache/dev-sync/agent.py``)."""
+        (``$DEV_SYNC_AGENT_CACHE`` here, else ``~/.cache/dev-sync/agent.py``).
+
+        The session is opened on the master directly (:mod:`dev_sync.mux`), so
+        that no ssh client process waits beside dev-sync for as long as it runs;
+        an ssh client carries it if the master will not (or ``direct`` is off).
+        """
         import os
         import subprocess
 
         cache = cache or os.environ.get("DEV_SYNC_AGENT_CACHE") or CACHE
-        argv = master.command([python, "-c", BOOT, VERSION, root, cache])
-        proc = await runner.start(argv, stdin=subprocess.PIPE)
+        remote_argv = [python, "-c", BOOT, VERSION, root, cache]
+        proc: runner.Child | None = None
+        if direct:
+            with contextlib.suppress(mux.MuxError):
+                proc = await mux.open_session(master.control_path,
+                                              runner.remote_command(remote_argv))
+        if proc is None:
+            proc = await runner.start(master.command(remote_argv), stdin=subprocess.PIPE)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             first = await proc.stdout.readexactly(1)

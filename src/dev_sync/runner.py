@@ -14,10 +14,27 @@ import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # asyncio is imported where used: `dev-sync up` starts ssh before loading it
     import asyncio
+
+
+class Child(Protocol):
+    """A running command as asyncio hands it over, or a session opened on the
+    SSH master directly (:mod:`dev_sync.mux`), which behaves the same."""
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter | None: ...
+    @property
+    def stdout(self) -> asyncio.StreamReader | None: ...
+    @property
+    def stderr(self) -> asyncio.StreamReader | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -159,7 +176,7 @@ async def arun(
     return result
 
 
-async def terminate(proc: asyncio.subprocess.Process, grace: float = 2.0) -> None:
+async def terminate(proc: Child, grace: float = 2.0) -> None:
     """Stop a child: SIGTERM, then SIGKILL if it does not go within ``grace``."""
     import asyncio
 
