@@ -97,3 +97,57 @@ async def test_waits_while_idle() -> None:
     b = Batcher(debounce=0.001, max_delay=0.01)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(b.next_batch(), 0.1)
+
+
+async def test_a_cancelled_wait_takes_nothing() -> None:
+    """Cancelled in the same turn as a change wakes it, a wait must either hand
+    the batch over or leave every change pending: nothing may be taken and dropped."""
+    b = Batcher(debounce=10.0, max_delay=0.2)
+    b.add("a")
+    waiting = asyncio.ensure_future(b.next_batch())
+    await asyncio.sleep(0.02)  # it now sleeps towards the cap
+    # The change's wake-up is queued before the cancellation is delivered.
+    b.add("b")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.3)  # past the cap
+    assert b.pending == 2
+    assert await asyncio.wait_for(b.next_batch(), 1) == Batch((("a", False), ("b", False)))
+
+
+async def test_an_engine_wait_never_drops_a_batch() -> None:
+    """The engine races the next batch against earlier answers landing; when both
+    happen in one turn the batch is still handed over, never lost."""
+    from dev_sync.engine import _first
+
+    b = Batcher(debounce=10.0, max_delay=0.2)
+    b.add("a")
+    landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    race = asyncio.ensure_future(_first(b.next_batch(), landed))
+    await asyncio.sleep(0.02)
+    landed.set_result(None)  # the answers land...
+    b.add("b")  # ...in the same turn as a change
+    first = await asyncio.wait_for(race, 1)
+    await asyncio.sleep(0.3)
+    later = b._take() if b.pending else None
+    got = [rel for batch in (first, later) if batch is not None for rel, _ in batch.changes]
+    assert sorted(got) == ["a", "b"]
+
+
+async def test_an_engine_wait_keeps_a_result_that_outlived_its_cancellation() -> None:
+    from dev_sync.engine import _first
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "taken anyway"  # as asyncio.wait_for may, when its wait just ended
+        return "late"
+
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    gone.set_result(None)
+    assert await _first(stubborn(), gone) == "taken anyway"
+    never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    assert await _first(never, gone) is None
+    assert never.cancelled()

@@ -10,6 +10,7 @@ as a whole anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,13 @@ class Batcher:
         return batch
 
     async def next_batch(self) -> Batch:
-        """Wait for changes, then for the burst to settle (or the cap), and take them."""
+        """Wait for changes, then for the burst to settle (or the cap), and take them.
+
+        Safe to cancel: a cancellation either finds the changes untouched or
+        comes after they were handed over. (``asyncio.wait_for`` would not do:
+        when its inner wait has just finished, it swallows the cancellation,
+        and the batch it goes on to take reaches nobody.)
+        """
         while not self._changes and not self._full:
             self._wake.clear()
             await self._wake.wait()
@@ -109,7 +116,6 @@ class Batcher:
             if now >= deadline:
                 return self._take()
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), deadline - now)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - now):
+                    await self._wake.wait()

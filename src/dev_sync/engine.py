@@ -602,17 +602,23 @@ async def _either(a: Awaitable[object], b: Awaitable[object]) -> None:
 
 
 async def _first(a: Awaitable[T], b: Awaitable[object]) -> T | None:
-    """Await both; return a's result if it finishes first, else None (cancelling a)."""
+    """Await both; return a's result if it finishes first, else None (cancelling a).
+
+    A cancelled ``a`` is waited for: if it finishes with a result all the same
+    (a cancellation swallowed on its way), that result is returned, not lost.
+    """
     ta = asyncio.ensure_future(a)
     tb = asyncio.ensure_future(b)
     try:
-        done, _ = await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (ta, tb):
-            if not t.done():
-                t.cancel()
-    if ta in done:
-        return ta.result()
-    return None
+        if not tb.done():
+            tb.cancel()
+        if not ta.done():
+            ta.cancel()
+            await asyncio.wait({ta})
+    if ta.cancelled():
+        return None
+    return ta.result()
 
 
