@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,11 @@ class _Link:
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        delay = self.proxy.delay
+        queue: deque[tuple[float, bytes]] = deque()
+        ready = threading.Condition()
+        if delay:
+            threading.Thread(target=self._deliver, args=(queue, ready, dst), daemon=True).start()
         try:
             while True:
                 data = src.recv(65536)
@@ -285,9 +291,42 @@ class _Link:
                     break
                 if self.blackholed:
                     continue  # the bytes vanish, as on a dead network path
+                if delay:
+                    with ready:
+                        queue.append((time.monotonic() + delay, data))
+                        ready.notify()
+                else:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if delay:
+            with ready:
+                queue.append((0.0, b""))  # the end: deliver what is queued, then close
+                ready.notify()
+            return
+        self._done(dst)
+
+    def _deliver(
+        self, queue: deque[tuple[float, bytes]], ready: threading.Condition, dst: socket.socket
+    ) -> None:
+        """Send each chunk ``delay`` after it arrived, in order: a link's latency."""
+        try:
+            while True:
+                with ready:
+                    while not queue:
+                        ready.wait()
+                    due, data = queue.popleft()
+                if not data:
+                    break
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
                 dst.sendall(data)
         except OSError:
             pass
+        self._done(dst)
+
+    def _done(self, dst: socket.socket) -> None:
         # Half-close so the other direction can still drain, as TCP would.
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
@@ -331,9 +370,14 @@ class TcpProxy:
     race with an accept.
     """
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", port: int = 0,
+        delay: float = 0.0,
+    ) -> None:
         self.target = (target_host, target_port)
         self.port = port
+        self.delay = delay
+        """Seconds each chunk is held in each direction (half the round trip)."""
         self.accepted = 0
         """Connections accepted since start (a reconnect shows up here)."""
         self._links: set[_Link] = set()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from driver import Event, Session, json_events, run_cli
-from helpers import Project, ssh_run, wait_in_sync, wait_until
+from helpers import Project, TcpProxy, ssh_run, wait_in_sync, wait_until
 
 from dev_sync import deps
 from dev_sync.agent import VERSION, Agent, Channel
@@ -404,3 +404,33 @@ def test_a_watching_session_marks_the_vm_as_in_use(project: Project) -> None:
         pushed_via(s, "edit.txt")
         wait_until(lambda: activity.stat().st_mtime_ns > before, timeout=10,
                    message="the activity file was not touched after a push")
+
+
+@pytest.mark.parametrize("max_delay_ms", [2, 25, 150])
+def test_a_burst_written_while_batches_flow_lands_whole(
+    project: Project, max_delay_ms: int
+) -> None:
+    """Rewrites and new folders while earlier batches are still on their way (a
+    20 ms link each way keeps several in flight): the last content of every
+    file arrives, however the burst is cut into batches."""
+    local = project.local
+    for d in range(20):
+        (local / "src" / f"d{d}").mkdir(parents=True)
+        for f in range(20):
+            (local / "src" / f"d{d}" / f"f{f}.ts").write_text(f"original {d} {f}\n" * 40)
+    with TcpProxy(project.sandbox.port, delay=0.02) as proxy:
+        project.write_config(remote=project.via_proxy(proxy), max_delay_ms=max_delay_ms)
+        with start(project) as s:
+            wait_in_sync(local, project.remote, ignore=excluded, timeout=30)
+            for round_ in range(3):
+                for d in range(20):
+                    for f in range(0, 20, 2):
+                        path = local / "src" / f"d{d}" / f"f{f}.ts"
+                        with open(path, "wb") as fh:  # an editor's plain save
+                            fh.write(f"round {round_} {d} {f}\n".encode() * (30 + round_))
+                    new = local / "src" / f"d{d}" / f"co-{round_}"
+                    new.mkdir()
+                    for k in range(5):
+                        (new / f"n{k}.ts").write_text(f"new {round_} {k}\n" * 20)
+            wait_in_sync(local, project.remote, ignore=excluded, timeout=30)
+            assert s.stop() == 0
