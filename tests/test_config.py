@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,60 @@ def test_forbidden_roots(path: str) -> None:
 def test_ok_roots_are_normalised() -> None:
     assert check_remote_root("/srv/app/") == "/srv/app"
     assert check_remote_root("/home/alice/app") == "/home/alice/app"
+
+
+# What `up` must not wait for before its first rsync: config validation runs first.
+FEATURE_RUNTIME = (
+    "asyncio",
+    "dev_sync.events",
+    "dev_sync.runner",
+    "dev_sync.deps",
+    "dev_sync.services",
+    "dev_sync.idle",
+    "dev_sync.provision",
+    "dev_sync.cloud",
+)
+
+EVERY_SECTION = """\
+[remote]
+host = "devbox"
+path = "/srv/app"
+[remote.cloud]
+provider = "aws"
+region = "eu-west-1"
+instance_id = "i-0123456789abcdef0"
+[deps.npm]
+command = "npm ci"
+[[deps.rule]]
+name = "prisma"
+globs = ["prisma/schema.prisma"]
+command = "npx prisma generate"
+[services.web]
+command = "npm start"
+restart_on = ["src/**", "!src/**/*.test.js"]
+[idle]
+after = "1h"
+[provision]
+packages = ["rsync"]
+[[provision.steps]]
+name = "db"
+shell = "createdb app || true"
+"""
+
+
+def test_loading_the_config_leaves_the_features_unloaded(tmp_path: Path) -> None:
+    config = write(tmp_path, EVERY_SECTION)
+    code = (
+        "import sys, tomllib\n"
+        "from pathlib import Path\n"
+        "import dev_sync.config as c\n"
+        "path = Path(sys.argv[1])\n"
+        "c.parse_config(tomllib.loads(path.read_text()), path)\n"
+        "print(*sorted(sys.modules), sep='\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert "dev_sync.sections" in loaded
+    assert sorted(loaded.intersection(FEATURE_RUNTIME)) == []

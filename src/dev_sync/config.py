@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     StringConstraints,
@@ -28,16 +26,17 @@ from dev_sync.commands import FORBIDDEN_ROOTS as FORBIDDEN_ROOTS
 from dev_sync.commands import check_host as check_host
 from dev_sync.commands import check_program
 from dev_sync.commands import check_remote_root as check_remote_root
-from dev_sync.deps import DepsConfig
 from dev_sync.errors import ConfigError
-from dev_sync.idle import IdleConfig
-from dev_sync.provision import ProvisionConfig
-from dev_sync.services import ServiceConfig, ServiceName
+from dev_sync.sections import (
+    DepsConfig,
+    IdleConfig,
+    ProvisionConfig,
+    ServiceConfig,
+    ServiceName,
+)
+from dev_sync.sections import _Strict as _Strict
 
 CONFIG_NAME = "dev-sync.toml"
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 CloudAddress = Literal["public_ip", "public_dns", "private_ip"]

@@ -26,16 +26,14 @@ The pieces, each usable on its own:
   describes, so a branch switched while dev-sync was off is caught at the next
   start, and a restart does not reinstall what is already in place.
 
-Nothing here imports the top-level config or the ssh module at run time
-(``config`` will import this module for the ``[deps]`` section).
+The ``[deps]`` table itself lives in :mod:`dev_sync.sections`, so that
+validating ``dev-sync.toml`` does not load this module (nor asyncio with it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
-import functools
 import hashlib
 import json
 import logging
@@ -49,25 +47,14 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from typing import TYPE_CHECKING, Protocol
 
 from dev_sync import runner
 from dev_sync.ignore import RuleSet, walk_dirs
+from dev_sync.sections import PRESETS as PRESETS
+from dev_sync.sections import DepsConfig as DepsConfig
 
-if TYPE_CHECKING:  # ssh imports config, which imports this module
-    import pathspec
-
+if TYPE_CHECKING:
     from dev_sync.services import Remote
     from dev_sync.ssh import SshMaster
 
@@ -79,251 +66,6 @@ TAIL_LINES = 20
 # Longest output line kept (a minified bundle printed by a postinstall is one line).
 _MAX_LINE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-# --------------------------------------------------------------------------
-# Presets
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A package manager dev-sync knows without configuration.
-
-    ``globs`` match the lock file's name (its last path component) in any
-    folder; ``command`` runs with ``sh -c`` in that folder, with the changed
-    lock files as ``"$@"``.
-    """
-
-    name: str
-    globs: tuple[str, ...]
-    command: str
-
-    def matches(self, rel: str) -> bool:
-        base = rel.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(base, g) for g in self.globs)
-
-
-# pip: a venv next to the requirements file, created on first use, then one
-# `pip install -r FILE` per changed requirements file (given as "$@").
-_PIP = (
-    '[ -x .venv/bin/python ] || python3 -m venv .venv || exit; '
-    'n=$#; for f do set -- "$@" -r "$f"; done; shift "$n"; '
-    'exec .venv/bin/python -m pip install "$@"'
-)
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("npm", ("package-lock.json", "npm-shrinkwrap.json"),
-               "npm install --no-audit --no-fund"),
-        Preset("yarn", ("yarn.lock",), "yarn install"),
-        Preset("pnpm", ("pnpm-lock.yaml",), "pnpm install"),
-        Preset("pip", ("requirements*.txt",), _PIP),
-        Preset("poetry", ("poetry.lock",), "poetry install --no-interaction"),
-        Preset("uv", ("uv.lock",), "uv sync"),
-        Preset("bundler", ("Gemfile.lock",), "bundle install"),
-        Preset("go", ("go.sum",), "go mod download"),
-    )
-}
-"""Built-in presets, in the order their jobs run within one folder."""
-
-
-# --------------------------------------------------------------------------
-# Configuration
-
-
-class _Strict(BaseModel):
-    # Same policy as config.py (kept local: config imports this module).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-def _check_command(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty (a shell command such as \"npm ci\")")
-    if "\0" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-class PresetConfig(_Strict):
-    """``[deps.NAME]`` for a built-in preset: switch it off or change its command."""
-
-    enabled: bool = True
-    command: str | None = None  # None: the preset's own command
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, value: str | None) -> str | None:
-        return None if value is None else _check_command(value)
-
-
-_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def _check_glob(pattern: str) -> None:
-    """Raise ValueError if ``pattern`` is not a gitignore pattern that can match a file."""
-    if not pattern.strip() or "\n" in pattern or "\r" in pattern or "\0" in pattern:
-        raise ValueError(f"bad glob {pattern!r}: must be a non-empty single line")
-    if pattern.startswith("#"):
-        raise ValueError(f"bad glob {pattern!r}: a leading # makes it a comment (write \\#)")
-    if ".." in pattern.lstrip("!").strip("/").split("/"):
-        raise ValueError(f"bad glob {pattern!r}: globs are relative to the tree root; no '..'")
-    try:
-        import pathspec  # only projects with [[deps.rule]] pay for it
-
-        spec = pathspec.GitIgnoreSpec.from_lines([pattern])
-    except re.error as exc:  # e.g. a reversed range: [z-a]
-        raise ValueError(f"bad glob {pattern!r}: {exc.msg}") from None
-    except ValueError:  # pathspec's own refusal, e.g. a lone ! or a trailing backslash
-        raise ValueError(f"bad glob {pattern!r}: not a valid gitignore pattern") from None
-    if not spec.patterns or spec.patterns[0].include is None:
-        raise ValueError(f"bad glob {pattern!r}: it can never match (an unclosed [ ?)")
-
-
-class RuleConfig(_Strict):
-    """``[[deps.rule]]``: a custom trigger, for what the presets do not cover."""
-
-    name: str
-    globs: list[str]
-    command: str
-    cwd: Literal["file", "root"] = "file"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _RULE_NAME.fullmatch(value):
-            raise ValueError(
-                f"must be a short name (letters, digits, '.', '_', '-'), got {value!r}"
-            )
-        if value in PRESETS:
-            raise ValueError(
-                f"{value!r} is a built-in preset: configure it as [deps.{value}] instead"
-            )
-        return value
-
-    @field_validator("globs")
-    @classmethod
-    def _globs(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError('must list at least one glob, e.g. ["db/schema.sql"]')
-        for pattern in value:
-            _check_glob(pattern)
-        if all(p.startswith("!") for p in value):
-            raise ValueError("needs at least one pattern that is not a !negation")
-        return value
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, value: str) -> str:
-        return _check_command(value)
-
-    def matches(self, rel: str) -> bool:
-        return _spec(tuple(self.globs)).match_file(rel)
-
-
-@functools.lru_cache(maxsize=64)
-def _spec(globs: tuple[str, ...]) -> pathspec.GitIgnoreSpec:
-    import pathspec
-
-    return pathspec.GitIgnoreSpec.from_lines(globs)
-
-
-class DepsConfig(_Strict):
-    """The ``[deps]`` section.
-
-    ```toml
-    [deps]
-    enabled = true                 # master switch
-
-    [deps.npm]
-    command = "npm ci"             # replace a preset's command
-    [deps.go]
-    enabled = false                # or switch it off
-
-    [[deps.rule]]                  # custom trigger
-    name = "prisma"
-    globs = ["prisma/schema.prisma"]   # gitignore syntax, relative to the tree root
-    command = "npx prisma generate"
-    cwd = "root"                   # "file" (default): the matched file's folder
-    ```
-    """
-
-    enabled: bool = True
-    npm: PresetConfig = Field(default_factory=PresetConfig)
-    yarn: PresetConfig = Field(default_factory=PresetConfig)
-    pnpm: PresetConfig = Field(default_factory=PresetConfig)
-    pip: PresetConfig = Field(default_factory=PresetConfig)
-    poetry: PresetConfig = Field(default_factory=PresetConfig)
-    uv: PresetConfig = Field(default_factory=PresetConfig)
-    bundler: PresetConfig = Field(default_factory=PresetConfig)
-    go: PresetConfig = Field(default_factory=PresetConfig)
-    rule: list[RuleConfig] = Field(default_factory=list)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _tables(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """Name a misspelt preset table (``[deps.nmp]``) instead of "unknown key".
-
-        The error is located at ``deps.nmp`` so the config error formatter
-        prints ``[deps] nmp: unknown preset 'nmp'; known: ...``, and is reported
-        together with every other problem of the section.
-        """
-        errors: list[InitErrorDetails] = []
-        if isinstance(data, dict):
-            known = ", ".join(PRESETS)
-            for key, value in data.items():
-                if key == "rule" and isinstance(value, dict):
-                    errors.append(_error(
-                        "rule_table", "must be an array of tables: write [[deps.rule]]",
-                        key, value))
-                elif key in PRESETS and not isinstance(value, dict):
-                    errors.append(_error(
-                        "preset_table", f"must be a table: write [deps.{key}] with "
-                        "enabled = false or command = \"...\"", key, value))
-                elif key not in cls.model_fields and isinstance(value, dict):
-                    errors.append(_error(
-                        "unknown_preset", f"unknown preset {key!r}; known: {known}",
-                        key, value))
-            if errors:
-                bad = {str(e["loc"][0]) for e in errors}
-                data = {k: v for k, v in data.items() if k not in bad}
-        try:
-            result = handler(data)
-        except ValidationError as exc:
-            if not errors:
-                raise
-            errors.extend(_reraise(exc))
-        if errors:
-            raise ValidationError.from_exception_data(cls.__name__, errors)
-        return result
-
-    @model_validator(mode="after")
-    def _unique_rules(self) -> DepsConfig:
-        seen: set[str] = set()
-        for rule in self.rule:
-            if rule.name in seen:
-                raise ValueError(f"rule name {rule.name!r} is used twice; names must be unique")
-            seen.add(rule.name)
-        return self
-
-    def preset(self, name: str) -> PresetConfig:
-        value = getattr(self, name)
-        assert isinstance(value, PresetConfig)
-        return value
-
-
-def _error(kind: str, message: str, key: str, value: object) -> InitErrorDetails:
-    # The message is passed as context, so braces in a user's key stay literal.
-    return {"type": PydanticCustomError(kind, "{message}", {"message": message}),
-            "loc": (key,), "input": value}
-
-
-def _reraise(exc: ValidationError) -> Iterator[InitErrorDetails]:
-    """The errors of ``exc`` in the form ValidationError.from_exception_data takes."""
-    for e in exc.errors():
-        message = e["msg"].removeprefix("Value error, ")
-        yield {"type": PydanticCustomError(e["type"], "{message}", {"message": message}),
-               "loc": e["loc"], "input": e["input"]}
 
 
 # --------------------------------------------------------------------------

@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dev_sync.config import starter_text, toml_key, toml_string
-from dev_sync.deps import PRESETS
 from dev_sync.ignore import RuleSet, walk_dirs
-from dev_sync.services import check_service_name
+from dev_sync.sections import PRESETS, check_service_name
 
 
 @dataclass(frozen=True)

@@ -33,93 +33,18 @@ import asyncio
 import contextlib
 import importlib.resources
 import json
-import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from typing import Any, Literal
 
 from dev_sync import runner
 from dev_sync.commands import ACTIVITY_TOUCH_SH
 from dev_sync.errors import ConnectionFailed, DevSyncError
+from dev_sync.sections import IdleConfig as IdleConfig
+from dev_sync.sections import format_duration as format_duration
+from dev_sync.sections import parse_duration as parse_duration
 from dev_sync.services import _SH_COMMON, Remote, _put_args, _systemd_escape
-
-# --------------------------------------------------------------------------
-# Durations and the [idle] table
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds in ``45m``, ``2h``, ``90s``, ``1h30m`` (or a plain number of seconds)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"must not be negative, got {value!r}")
-        return float(value)
-    text = value.strip().lower().replace(" ", "") if isinstance(value, str) else ""
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ValueError(f"must be a duration such as 45m, 2h or 90s, got {value!r}")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest of ``2h``, ``1h30m``, ``45m``, ``90s`` for a number of seconds."""
-    s = round(seconds)
-    if s and s % 3600 == 0:
-        return f"{s // 3600}h"
-    if s >= 3600 and s % 60 == 0:
-        return f"{s // 3600}h{s % 3600 // 60}m"
-    if s and s % 60 == 0:
-        return f"{s // 60}m"
-    return f"{s}s"
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class IdleConfig(BaseModel):
-    """The ``[idle]`` table: when the VM counts as idle and how it is stopped."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    after: Duration = Field(default=2700.0, ge=120)
-    warn_before: Duration = Field(default=300.0, ge=0)
-    # Busy CPU (percent of all cores, over the minute between checks) counts as use.
-    cpu_above: float | None = Field(default=None, gt=0, lt=100)
-    stop: Literal["shutdown", "command"] = "shutdown"
-    # Run as an argument list (no shell); with stop = "command" only.
-    stop_command: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> IdleConfig:
-        if self.warn_before >= self.after:
-            raise ValueError(
-                f"warn_before ({format_duration(self.warn_before)}) must be shorter than "
-                f"after ({format_duration(self.after)})"
-            )
-        if self.stop == "command":
-            if not self.stop_command or not self.stop_command[0].strip():
-                raise ValueError(
-                    'stop = "command" needs stop_command, an argument list such as '
-                    '["aws", "ec2", "stop-instances", "--instance-ids", "i-0123"]'
-                )
-            if any("\0" in arg for arg in self.stop_command):
-                raise ValueError("stop_command must not contain NUL characters")
-        elif self.stop_command:
-            raise ValueError('stop_command is used only with stop = "command"')
-        return self
-
 
 # --------------------------------------------------------------------------
 # The activity file and the heartbeat

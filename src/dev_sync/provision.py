@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-
 from dev_sync import deps
 from dev_sync.errors import DevSyncError, UsageError
 from dev_sync.events import (
@@ -56,170 +54,15 @@ from dev_sync.events import (
     ServicesInstalled,
     Stopped,
 )
+from dev_sync.sections import PACKAGES_STEP
+from dev_sync.sections import ProvisionConfig as ProvisionConfig
 
-if TYPE_CHECKING:  # config imports this module for [provision]
+if TYPE_CHECKING:
     from dev_sync.config import Config
     from dev_sync.ssh import SshMaster
 
 RECORD_PATH = ".dev-sync/provision.json"
 """The record of finished steps, relative to the remote root."""
-PACKAGES_STEP = "packages"
-
-_STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Package names as apt, dnf and apk spell them (":" for an architecture, "+" in
-# libstdc++); no "=" version pins, since the installed check looks names up.
-_PACKAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_:-]{0,127}")
-
-
-# --------------------------------------------------------------------------
-# Configuration
-
-
-class _Strict(BaseModel):
-    # config.py's settings, repeated: config.py imports this module for [provision].
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-def _check_argv(value: list[str] | None) -> list[str] | None:
-    if value is None:
-        return value
-    if not value or not value[0].strip():
-        raise ValueError('must be a non-empty argument list, e.g. ["make", "setup"]')
-    if any("\0" in arg for arg in value):
-        raise ValueError("arguments must not contain NUL characters")
-    return value
-
-
-def _check_folder(value: str) -> str:
-    if not value or value.startswith("/") or any(c in value for c in "\n\0"):
-        raise ValueError(f"must be a folder relative to the remote root, got {value!r}")
-    norm = posixpath.normpath(value)
-    if norm == ".." or norm.startswith("../"):
-        raise ValueError(f"must stay inside the remote root, got {value!r}")
-    return norm
-
-
-class StepConfig(_Strict):
-    """One ``[[provision.steps]]`` table: a command, where it runs, and its guard.
-
-    ``run`` is an argument list, passed to the program as it is; ``shell`` is
-    a shell command line, for pipes and ``&&``, and is the only place where
-    text is interpreted by a shell. ``cwd``, ``creates`` and ``unless`` are
-    relative to the remote root.
-    """
-
-    name: str
-    run: list[str] | None = None
-    shell: str | None = None
-    cwd: str = "."
-    creates: str | None = None
-    unless: list[str] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _STEP_NAME.fullmatch(value):
-            raise ValueError(
-                f"step names are letters, digits, '_', '.' and '-' (at most 64), got {value!r}"
-            )
-        if value == PACKAGES_STEP:
-            raise ValueError(f"{value!r} is the name of the packages phase; pick another")
-        return value
-
-    @field_validator("run", "unless")
-    @classmethod
-    def _argv(cls, value: list[str] | None) -> list[str] | None:
-        return _check_argv(value)
-
-    @field_validator("shell")
-    @classmethod
-    def _shell(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or "\0" in value):
-            raise ValueError("must be a non-empty shell command line")
-        return value
-
-    @field_validator("cwd")
-    @classmethod
-    def _cwd(cls, value: str) -> str:
-        return _check_folder(value)
-
-    @field_validator("creates")
-    @classmethod
-    def _creates(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(c in value for c in "\n\0")):
-            raise ValueError(f"must be a path (absolute, or relative to cwd), got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_command(self) -> StepConfig:
-        if (self.run is None) == (self.shell is None):
-            raise ValueError(
-                f"step {self.name!r} needs exactly one of run = [argv...] or shell = \"...\""
-            )
-        return self
-
-    def digest(self) -> str:
-        """A hash of the whole definition: any change to it makes the step run again."""
-        body = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()
-
-
-class ProvisionConfig(_Strict):
-    """The ``[provision]`` section.
-
-    ```toml
-    [provision]
-    packages = ["rsync", "redis-server"]   # installed when missing (apt-get/dnf/yum/apk)
-    script = "scripts/bootstrap.sh"        # or [[provision.steps]], not both
-
-    [[provision.steps]]
-    name = "database"
-    shell = "createdb app || true"
-    unless = ["psql", "-d", "app", "-c", "select 1"]
-    ```
-    """
-
-    packages: list[str] = []
-    script: str | None = None
-    steps: list[StepConfig] = []
-
-    @field_validator("packages")
-    @classmethod
-    def _packages(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not _PACKAGE.fullmatch(name):
-                raise ValueError(
-                    f"{name!r} is not a package name (letters, digits and . + _ : -; "
-                    "no version pins)"
-                )
-        return value
-
-    @field_validator("script")
-    @classmethod
-    def _script(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if value.startswith("/"):
-            raise ValueError(f"must be a file of the synced tree, relative to it, got {value!r}")
-        return _check_folder(value)
-
-    @model_validator(mode="after")
-    def _script_or_steps(self) -> ProvisionConfig:
-        if self.script is not None and self.steps:
-            raise ValueError(
-                "set either script or [[provision.steps]], not both "
-                "(the script can be one of the steps: run = [\"sh\", \"SCRIPT\"])"
-            )
-        seen: set[str] = set()
-        for step in self.steps:
-            if step.name in seen:
-                raise ValueError(f"step name {step.name!r} is used twice; names must be unique")
-            seen.add(step.name)
-        return self
-
-    @property
-    def empty(self) -> bool:
-        return not (self.packages or self.script or self.steps)
 
 
 # --------------------------------------------------------------------------

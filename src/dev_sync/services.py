@@ -44,167 +44,27 @@ import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from typing import Any, Literal, Protocol
 
 from dev_sync import runner
 from dev_sync.errors import ConnectionFailed, DevSyncError, UsageError
 from dev_sync.ignore import _last_match, _parse_line, _Pattern
+from dev_sync.sections import ManagerName as ManagerName
+from dev_sync.sections import ServiceConfig as ServiceConfig
+from dev_sync.sections import ServiceName as ServiceName
 
-ManagerName = Literal["supervisor", "pm2", "systemd", "command"]
 ServiceState = Literal["running", "stopped", "starting", "crashed", "unknown"]
 
 # The folder on the remote (under the remote root) that holds everything below.
 STATE_DIR = ".dev-sync"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Names a manager may already use for a program: supervisor groups ("grp:web"),
-# systemd template instances ("web@1.service").
-_PROGRAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # "sh: 1: pm2: not found", "bash: line 1: pm2: command not found", our own need().
 _NOT_FOUND_RE = re.compile(r"([^\s:]+): (?:command )?not found")
 
 
 # --------------------------------------------------------------------------
-# Configuration
-
-
-def check_service_name(name: str) -> str:
-    """A service name becomes a file name and a program name on the remote: keep it plain."""
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"service names are letters, digits, '_', '.' and '-' (at most 64), got {name!r}"
-        )
-    return name
-
-
-ServiceName = Annotated[str, AfterValidator(check_service_name)]
-"""The key type for ``[services.NAME]`` tables: ``dict[ServiceName, ServiceConfig]``."""
-
-
-def check_restart_pattern(pattern: str) -> str:
-    """Validate one ``restart_on`` pattern (gitignore syntax, relative to the tree root).
-
-    Parsed by the same code as the sync rules (:mod:`dev_sync.ignore`), so a
-    pattern means here what it means in ``exclude``; a pattern git could never
-    match (an unclosed ``[``, a trailing backslash) is an error, not a silent no-op.
-    """
-    if not pattern.strip():
-        raise ValueError("patterns must not be empty")
-    if any(c in pattern for c in "\n\r\0"):
-        raise ValueError(f"patterns must be single lines, got {pattern!r}")
-    if pattern.startswith("#"):
-        raise ValueError(
-            f"{pattern!r} would be a comment in gitignore syntax; write \\# for a literal #"
-        )
-    body = pattern.removeprefix("!").lstrip("/")
-    if body.startswith("./") or ".." in body.split("/"):
-        raise ValueError(
-            f"patterns are relative to the tree root, without ./ or .. components, got {pattern!r}"
-        )
-    if _parse_line(os.fsencode(pattern)) is None:
-        raise ValueError(
-            f"{pattern!r} is not a valid gitignore pattern (unclosed [ or a trailing \\?)"
-        )
-    return pattern
-
-
-class _Strict(BaseModel):
-    # config.py's settings, repeated: config.py imports this module for [services].
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ServiceConfig(_Strict):
-    """One ``[services.NAME]`` table.
-
-    ``command`` runs with ``/bin/sh -c`` in ``cwd`` with ``env`` on top of the
-    manager's environment (``PORT`` is set to ``port`` unless ``env`` sets it,
-    the convention most frameworks read). ``program`` names the service in its
-    manager: with a ``command`` dev-sync defines it under that name (default:
-    the service's own name); without one it *adopts* a program the manager
-    already runs (PM2 or systemd), which it then only restarts and watches.
-    """
-
-    # manager and program come first: the command check reads them.
-    manager: ManagerName = "supervisor"
-    program: str | None = None
-    command: str | None = Field(default=None, validate_default=True)
-    cwd: str = "."
-    env: dict[str, str] = Field(default_factory=dict)
-    restart_on: list[Annotated[str, AfterValidator(check_restart_pattern)]] = Field(
-        default_factory=list
-    )
-    reload: Literal["restart", "self"] = "restart"
-    port: int | None = Field(default=None, ge=1, le=65535)
-    hostname: str | None = None
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            if not value.strip() or "\0" in value:
-                raise ValueError("must be a non-empty shell command")
-            return value
-        manager = info.data.get("manager", "supervisor")
-        if info.data.get("program") is None:
-            raise ValueError(
-                "required: the shell command that runs the service "
-                "(or set program = NAME to adopt one its manager already runs)"
-            )
-        if manager in ("supervisor", "command"):
-            raise ValueError(
-                f"required with manager = {manager!r} "
-                "(only pm2 and systemd programs can be adopted by name)"
-            )
-        return value
-
-    @field_validator("cwd")
-    @classmethod
-    def _cwd(cls, value: str) -> str:
-        if not value or value.startswith("/") or any(c in value for c in "\n\0"):
-            raise ValueError(f"must be a folder relative to the remote root, got {value!r}")
-        norm = posixpath.normpath(value)
-        if norm == ".." or norm.startswith("../"):
-            raise ValueError(f"must stay inside the remote root, got {value!r}")
-        return norm
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, val in value.items():
-            if not _ENV_RE.fullmatch(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
-            if "\0" in val:
-                raise ValueError(f"the value of {key} holds a NUL character")
-        return value
-
-    @field_validator("hostname")
-    @classmethod
-    def _hostname(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        labels = value.rstrip(".").split(".")
-        if len(value) > 253 or not all(_HOST_LABEL_RE.fullmatch(lb) for lb in labels):
-            raise ValueError(f"must be a host name such as api.dev.local, got {value!r}")
-        return value
-
-    @field_validator("program")
-    @classmethod
-    def _program(cls, value: str | None) -> str | None:
-        if value is not None and not _PROGRAM_RE.fullmatch(value):
-            raise ValueError(
-                f"must be a program name (letters, digits and _ . : @ -), got {value!r}"
-            )
-        return value
-
-    @property
-    def adopted(self) -> bool:
-        """True when dev-sync only restarts and watches a program it did not define."""
-        return self.command is None
+# Names, and which changes restart what
 
 
 def program_name(name: str, service: ServiceConfig) -> str:
