@@ -151,3 +151,12 @@ async def test_an_engine_wait_keeps_a_result_that_outlived_its_cancellation() ->
     never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     assert await _first(never, gone) is None
     assert never.cancelled()
+
+
+def test_the_cap_is_short_for_the_agent_unless_configured() -> None:
+    from dev_sync.engine import batch_cap
+
+    assert batch_cap(None, agent=True) < batch_cap(None, agent=False)
+    assert batch_cap(None, agent=True) <= 0.025  # pipelined: stream a burst as it comes
+    assert batch_cap(None, agent=False) == 0.150  # one rsync run per batch
+    assert batch_cap(500, agent=True) == batch_cap(500, agent=False) == 0.5

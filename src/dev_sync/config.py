@@ -156,8 +156,10 @@ class SyncConfig(_Strict):
     # ...but never for fewer deletions than this (small trees churn legitimately).
     delete_guard_min: int = Field(default=50, ge=0)
     # Quiet period and cap that group a burst of events into one transfer.
+    # No cap set: a short one while the agent streams batches without waiting
+    # for their answers, a longer one for rsync, where each batch is one run.
     debounce_ms: int = Field(default=4, ge=0, le=10_000)
-    max_delay_ms: int = Field(default=150, ge=1, le=60_000)
+    max_delay_ms: int | None = Field(default=None, ge=1, le=60_000)
     # Full reconcile every N seconds when the watcher cannot see everything.
     poll_interval: float = Field(default=30.0, gt=0)
     watcher: Literal["auto", "inotify", "watchfiles"] = "auto"

@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import signal
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -67,6 +68,8 @@ T = TypeVar("T")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
 HEARTBEAT_S = 30.0
+AGENT_MAX_DELAY_MS = 20
+RSYNC_MAX_DELAY_MS = 150
 MAX_INFLIGHT = 8  # batches sent to the agent whose answers are not collected yet
 
 
@@ -92,7 +95,7 @@ class Engine:
         self.adopt = adopt
         sync = config.sync
         self.rules = RuleSet(self.root, sync.exclude, sync.gitignore)
-        self.batcher = Batcher(sync.debounce_ms / 1000, sync.max_delay_ms / 1000)
+        self.batcher = Batcher(sync.debounce_ms / 1000, self._max_delay(agent=False))
         self.master = SshMaster(Target.from_config(config))
         self.pusher = RsyncPusher(
             self.root,
@@ -346,8 +349,10 @@ class Engine:
 
     def _included(self, rel: str) -> bool:
         """rsync does not apply rules to the parents of listed names: filter here too."""
-        path = self.root / rel
-        is_dir = (path.is_dir() and not path.is_symlink()) if os.path.lexists(path) else None
+        try:
+            is_dir: bool | None = stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode)
+        except OSError:
+            is_dir = None
         return not self.rules.is_excluded(rel, is_dir)
 
     def _setup_fast(self) -> None:
@@ -374,6 +379,9 @@ class Engine:
         for path, aside in kept:
             self.reporter.emit(ConflictKept(path, aside))
 
+    def _max_delay(self, *, agent: bool) -> float:
+        return batch_cap(self.config.sync.max_delay_ms, agent=agent)
+
     async def _start_agent(self) -> None:
         from dev_sync.agent import VERSION, Agent
 
@@ -396,6 +404,7 @@ class Engine:
             return  # the connection is going: the master monitor takes over
         await self.fast.attach(agent)
         self.channel.agent = agent
+        self.batcher.max_delay = self._max_delay(agent=True)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(agent))
         self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
                                       round((time.monotonic() - started) * 1000)))
@@ -412,6 +421,7 @@ class Engine:
             self.channel.agent = None
         if self.fast is not None:
             await self.fast.attach(None)
+        self.batcher.max_delay = self._max_delay(agent=False)
 
     async def _ensure_agent(self) -> None:
         """After a reconcile: the agent is up, or restarted if it died (within reason)."""
@@ -588,6 +598,19 @@ def _read_rules(rules: RuleSet) -> None:
 
 _LANDED = Batch((), reasons=("landed",))
 """Not a batch: the batch in flight has all its answers (see Engine._next)."""
+
+
+def batch_cap(max_delay_ms: int | None, *, agent: bool) -> float:
+    """How long a burst is held before a batch leaves, in seconds.
+
+    Through the agent, batches are pipelined: cutting a burst finely lets the
+    remote write while the editor or git still writes here, so little is left
+    to send when it stops. Each rsync batch is a run with round trips of its
+    own: there, fewer and bigger batches are faster. A configured cap wins.
+    """
+    if max_delay_ms is None:
+        max_delay_ms = AGENT_MAX_DELAY_MS if agent else RSYNC_MAX_DELAY_MS
+    return max_delay_ms / 1000
 
 
 async def _either(a: Awaitable[object], b: Awaitable[object]) -> None:

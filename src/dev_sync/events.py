@@ -459,6 +459,9 @@ def _escape(text: str) -> str:
     return escape(text.replace("\n", "\\n"))
 
 
+STATUS_EVERY_S = 0.25
+
+
 class JsonReporter:
     """One JSON object per line on stdout, for editors and scripts."""
 
@@ -485,12 +488,21 @@ class StatusReporter:
     errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
     fast_path: str | None = None
     conflicts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    _written: float = 0.0
+    _later: Any = None  # the pending asyncio.TimerHandle of a deferred write
 
     def emit(self, event: Event) -> None:
         match event:
             case StateChanged(state=state):
                 self.state, self.since = state, time.time()
-            case Pushed() | Reconciled():
+            case Pushed():
+                # A burst through the agent is dozens of pushes a second: the
+                # file follows at most every STATUS_EVERY_S, the last one always.
+                self.pushes += 1
+                self.last_push = {"ts": time.time(), "kind": event.kind, **asdict(event)}
+                self._write_soon()
+                return
+            case Reconciled():
                 self.pushes += 1
                 self.last_push = {"ts": time.time(), "kind": event.kind, **asdict(event)}
             case ServiceRestarted(ok=False):
@@ -513,7 +525,25 @@ class StatusReporter:
                 return
         self.write()
 
+    def _write_soon(self) -> None:
+        wait = self._written + STATUS_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self.write()
+            return
+        if self._later is not None:
+            return  # already due
+        import asyncio
+
+        try:
+            self._later = asyncio.get_running_loop().call_later(wait, self.write)
+        except RuntimeError:  # no event loop: nothing would run it later
+            self.write()
+
     def write(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        self._written = time.monotonic()
         self.files.write_status(
             {
                 **self.info,

@@ -105,6 +105,11 @@ class Agent:
         self.stamp = ""
         self.dirty = False
         self.staged: List[Tuple[int, str, str, str, int, int, Optional[str]]] = []
+        # Folders found to be real folders (not symlinks) while handling the
+        # requests of one read: a burst writes many files into few folders.
+        # Forgotten after each read and after anything but a write, so what
+        # changes on the remote meanwhile is seen as before.
+        self.real_dirs: Set[str] = set()
         self.running: Dict[int, subprocess.Popen[bytes]] = {}
         self.record_path = os.path.join(self.root, INTERNAL, "record.json")
 
@@ -125,6 +130,7 @@ class Agent:
 
     def release(self) -> None:
         self.flush_staged()
+        self.real_dirs.clear()
         with self.lock:
             if self.held:
                 self.out.write(bytes(self.held))
@@ -141,12 +147,16 @@ class Agent:
         current = self.root
         for part in parts[:-1]:
             current = os.path.join(current, part)
+            if current in self.real_dirs:
+                continue
             st = _lstat(current)
             if st is None:
                 break
             if stat.S_ISLNK(st.st_mode):
                 # Following it could reach outside the root: rsync decides instead.
                 raise Refused("a parent is a symlink on the remote: %r" % current)
+            if stat.S_ISDIR(st.st_mode):
+                self.real_dirs.add(current)
         return os.path.join(self.root, *parts)
 
     def parents(self, rel: str) -> None:
@@ -154,13 +164,17 @@ class Agent:
         current = self.root
         for part in rel.split("/")[:-1]:
             current = os.path.join(current, part)
+            if current in self.real_dirs:
+                continue
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 os.mkdir(current)
+                self.real_dirs.add(current)
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused("a parent is not a folder on the remote: %r" % current)
+            self.real_dirs.add(current)
 
     def keep_aside(self, rel: str, full: str, st: Optional[os.stat_result]) -> Optional[str]:
         """Move a file edited on the VM out of the way; return where it went."""
@@ -612,7 +626,11 @@ class Agent:
             self.flush_staged()
             if method is None:
                 raise Refused("unknown operation %r" % op)
-            reply = method(meta, data)
+            self.real_dirs.clear()
+            try:
+                reply = method(meta, data)
+            finally:
+                self.real_dirs.clear()  # it may have moved, made or removed folders
             reply["ok"] = True
         except Refused as exc:
             reply = {"ok": False, "refused": True, "error": str(exc)}
