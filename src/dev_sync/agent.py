@@ -167,6 +167,27 @@ class Agent:
         """Queue a request; the future resolves with its acknowledgement."""
         return self._send(meta, data)[1]
 
+    def send_many(
+        self, requests: Sequence[tuple[Mapping[str, Any], bytes]]
+    ) -> list[asyncio.Future[Reply]]:
+        """Queue requests in one write: a batch leaves as a few large SSH packets
+        instead of one small write, and one small packet, per file."""
+        if self.closed.is_set():
+            raise AgentLost(self.why())
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Reply]] = []
+        frames: list[bytes] = []
+        for meta, data in requests:
+            ident = self._next
+            self._next += 1
+            future: asyncio.Future[Reply] = loop.create_future()
+            self._waiting[ident] = (future, Reply(False, {}))
+            frames.append(frame(REQUEST, ident, dict(meta), data))
+            futures.append(future)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"".join(frames))
+        return futures
+
     def _send(
         self, meta: Mapping[str, Any], data: bytes = b"",
         on_output: Callable[[bytes], None] | None = None,

@@ -152,7 +152,7 @@ class FastPusher:
         deletions = sum(1 for op, _, _ in plan if op.kind == "delete")
         if deletions:
             self.rsync.guard.check(deletions, self.rsync.remote_total)
-        futures = [agent.send(meta, data) for _op, meta, data in plan]
+        futures = agent.send_many([(meta, data) for _op, meta, data in plan])
         self._sends += 1
         await self._flush(agent, futures)
         return Sent(agent, plan, futures, by_rsync, started, self._sends)
@@ -185,7 +185,7 @@ class FastPusher:
                 failures.append((op.rel, reply))
         retry = [r for r in retry if r[0].kind != "skip"]
         if retry:
-            futures = [agent.send(meta, data) for _op, meta, data in retry]
+            futures = agent.send_many([(meta, data) for _op, meta, data in retry])
             self._sends += 1
             await self._flush(agent, futures)
             for (op, meta, _data), reply in zip(retry, await self._replies(futures),
