@@ -434,3 +434,25 @@ def test_a_burst_written_while_batches_flow_lands_whole(
                         (new / f"n{k}.ts").write_text(f"new {round_} {k}\n" * 20)
             wait_in_sync(local, project.remote, ignore=excluded, timeout=30)
             assert s.stop() == 0
+
+
+async def test_a_master_that_refuses_the_session_falls_back_to_an_ssh_client(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dev_sync import mux
+
+    async def refused(*_args: object, **_kwargs: object) -> mux.MuxSession:
+        raise mux.MuxError("the master refused the session: Session open refused by peer")
+
+    target = Target(project.sandbox.host, None, None, project.sandbox.ssh_config, 10.0)
+    master = SshMaster(target)
+    await master.connect()
+    project.remote.mkdir()
+    monkeypatch.setattr(mux, "open_session", refused)
+    try:
+        agent = await Agent.start(master, str(project.remote))
+        assert [name for name, _ in _children(os.getpid())].count("ssh") == 2
+        assert (await agent.exec(["echo", "via a client"])).stdout == b"via a client\n"
+        await agent.close()
+    finally:
+        await master.close()
