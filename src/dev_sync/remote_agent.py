@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, BinaryIO, Dict, List, Optional, Set, Tuple
+from typing import IO, Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 HEADER = struct.Struct(">BIII")
 HELLO, REQUEST, ACK, OUTPUT = 0, 1, 2, 3
@@ -159,6 +159,18 @@ class Agent:
                 self.real_dirs.add(current)
         return os.path.join(self.root, *parts)
 
+    def lookup(
+        self, rels: Iterable[str]
+    ) -> Iterator[Tuple[str, str, Optional[os.stat_result]]]:
+        """Each of ``rels`` that stays inside the root, with its full path and lstat
+        (None if it is not there); the others are skipped."""
+        for rel in rels:
+            try:
+                full = self.path(rel)
+            except Refused:
+                continue
+            yield rel, full, _lstat(full)
+
     def parents(self, rel: str) -> None:
         """Make the parent folders exist, never through a symlink (that could lead out)."""
         current = self.root
@@ -271,12 +283,7 @@ class Agent:
         full = self.path(rel)
         want = meta["hash"]
         source = None
-        for candidate in meta["from"]:
-            try:
-                src = self.path(candidate)
-            except Refused:
-                continue
-            st = _lstat(src)
+        for candidate, src, st in self.lookup(meta["from"]):
             if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"]:
                 continue
             known = self.hashes.get(candidate)
@@ -396,11 +403,7 @@ class Agent:
     def op_snapshot(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Record every synced entry (dev-sync lists them) just after a full sync."""
         record: Dict[str, Signature] = {}
-        for rel in meta["entries"]:
-            try:
-                st = _lstat(self.path(rel))
-            except Refused:
-                continue
+        for rel, _full, st in self.lookup(meta["entries"]):
             if st is not None:
                 record[rel] = signature(st)
         self.record = record
@@ -453,12 +456,7 @@ class Agent:
     def op_keep(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Move the listed files aside (dev-sync chose them from ``changed``)."""
         kept = []
-        for rel in meta["paths"]:
-            try:
-                full = self.path(rel)
-            except Refused:
-                continue
-            st = _lstat(full)
+        for rel, full, st in self.lookup(meta["paths"]):
             if st is None or stat.S_ISDIR(st.st_mode):
                 continue
             self.record[rel] = (-1, -1, -1)  # differs from anything: keep_aside moves it
@@ -469,12 +467,7 @@ class Agent:
 
     def op_restat(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Take note of what rsync just wrote, so it does not look like a VM edit later."""
-        for rel in meta["paths"]:
-            try:
-                full = self.path(rel)
-            except Refused:
-                continue
-            st = _lstat(full)
+        for rel, full, st in self.lookup(meta["paths"]):
             self.hashes.pop(rel, None)
             self.dirty = True
             if st is None:
