@@ -165,42 +165,34 @@ class Agent:
 
     def send(self, meta: Mapping[str, Any], data: bytes = b"") -> asyncio.Future[Reply]:
         """Queue a request; the future resolves with its acknowledgement."""
-        return self._send(meta, data)[1]
+        return self.send_many([(meta, data)])[0]
 
     def send_many(
         self, requests: Sequence[tuple[Mapping[str, Any], bytes]]
     ) -> list[asyncio.Future[Reply]]:
         """Queue requests in one write: a batch leaves as a few large SSH packets
         instead of one small write, and one small packet, per file."""
+        return [future for _, future in self._send(requests)]
+
+    def _send(
+        self, requests: Sequence[tuple[Mapping[str, Any], bytes]],
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> list[tuple[int, asyncio.Future[Reply]]]:
         if self.closed.is_set():
             raise AgentLost(self.why())
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Reply]] = []
+        sent: list[tuple[int, asyncio.Future[Reply]]] = []
         frames: list[bytes] = []
         for meta, data in requests:
             ident = self._next
             self._next += 1
             future: asyncio.Future[Reply] = loop.create_future()
-            self._waiting[ident] = (future, Reply(False, {}))
+            self._waiting[ident] = (future, Reply(False, {}, on_output=on_output))
             frames.append(frame(REQUEST, ident, dict(meta), data))
-            futures.append(future)
+            sent.append((ident, future))
         assert self.proc.stdin is not None
         self.proc.stdin.write(b"".join(frames))
-        return futures
-
-    def _send(
-        self, meta: Mapping[str, Any], data: bytes = b"",
-        on_output: Callable[[bytes], None] | None = None,
-    ) -> tuple[int, asyncio.Future[Reply]]:
-        if self.closed.is_set():
-            raise AgentLost(self.why())
-        ident = self._next
-        self._next += 1
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = (future, Reply(False, {}, on_output=on_output))
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(frame(REQUEST, ident, dict(meta), data))
-        return ident, future
+        return sent
 
     async def flush(self) -> None:
         assert self.proc.stdin is not None
@@ -223,9 +215,8 @@ class Agent:
     async def stream(self, argv: Sequence[str], on_output: Callable[[bytes], None]) -> int:
         """Run a long command (an install) with its output merged and handed over as it
         comes. Cancelling closes its stdin on the remote, as a closed ssh channel would."""
-        ident, future = self._send(
-            {"op": "exec", "argv": list(argv), "hold": True, "merge": True},
-            on_output=on_output)
+        [(ident, future)] = self._send(
+            [({"op": "exec", "argv": list(argv), "hold": True, "merge": True}, b"")], on_output)
         await self.flush()
         try:
             reply = await asyncio.shield(future)

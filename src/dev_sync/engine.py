@@ -95,7 +95,7 @@ class Engine:
         self.adopt = adopt
         sync = config.sync
         self.rules = RuleSet(self.root, sync.exclude, sync.gitignore)
-        self.batcher = Batcher(sync.debounce_ms / 1000, self._max_delay(agent=False))
+        self.batcher = Batcher(sync.debounce_ms / 1000, batch_cap(sync.max_delay_ms, agent=False))
         self.master = SshMaster(Target.from_config(config))
         self.pusher = RsyncPusher(
             self.root,
@@ -380,9 +380,6 @@ class Engine:
         for path, aside in kept:
             self.reporter.emit(ConflictKept(path, aside))
 
-    def _max_delay(self, *, agent: bool) -> float:
-        return batch_cap(self.config.sync.max_delay_ms, agent=agent)
-
     async def _start_agent(self) -> None:
         from dev_sync.agent import VERSION, Agent
 
@@ -405,7 +402,7 @@ class Engine:
             return  # the connection is going: the master monitor takes over
         await self.fast.attach(agent)
         self.channel.agent = agent
-        self.batcher.max_delay = self._max_delay(agent=True)
+        self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=True)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(agent))
         self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
                                       round((time.monotonic() - started) * 1000)))
@@ -422,7 +419,7 @@ class Engine:
             self.channel.agent = None
         if self.fast is not None:
             await self.fast.attach(None)
-        self.batcher.max_delay = self._max_delay(agent=False)
+        self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=False)
 
     async def _ensure_agent(self) -> None:
         """After a reconcile: the agent is up, or restarted if it died (within reason)."""
