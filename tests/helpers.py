@@ -259,6 +259,37 @@ def proxy_ssh_config(
 
 
 # --------------------------------------------------------------------------
+# Processes (the sandbox remote is this machine, so its processes are visible here)
+
+
+def processes(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Processes whose argument list ``match`` accepts."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if match(args):
+            found.append(int(pid))
+    return found
+
+
+def children(parent: int) -> list[tuple[int, str, list[bytes]]]:
+    """The pid, name and arguments of each child of ``parent``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
+            found.append((int(pid), stat[stat.index("(") + 1:stat.rindex(")")], args))
+    return found
+
+
+# --------------------------------------------------------------------------
 # A TCP proxy that can cut the network
 
 

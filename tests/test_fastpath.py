@@ -7,12 +7,11 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from driver import Event, Session, json_events, run_cli
-from helpers import Project, TcpProxy, ssh_run, wait_in_sync, wait_until
+from helpers import Project, TcpProxy, children, processes, ssh_run, wait_in_sync, wait_until
 
 from dev_sync import deps
 from dev_sync.agent import VERSION, Agent, Channel
@@ -187,27 +186,14 @@ def test_doctor_says_whether_the_fast_path_can_run(project: Project) -> None:
     assert "Python 3.8" in missing.stdout
 
 
-def _processes(match: Callable[[list[bytes]], bool]) -> list[int]:
-    """Processes whose argument list ``match`` accepts (the sandbox remote is this machine)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if match(args):
-            found.append(int(pid))
-    return found
-
-
 def _processes_naming(path: Path) -> list[int]:
-    return _processes(lambda args: str(path).encode() in args)
+    return processes(lambda args: str(path).encode() in args)
 
 
 def _agent_pids(project: Project) -> list[int]:
     """The remote agent's python process."""
     root = str(project.remote).encode()
-    return _processes(lambda args: b"python" in args[0] and root in args and b"-c" in args)
+    return processes(lambda args: b"python" in args[0] and root in args and b"-c" in args)
 
 
 def test_a_killed_agent_is_restarted_and_nothing_is_lost(project: Project) -> None:
@@ -282,25 +268,11 @@ def test_a_read_only_folder_is_reported_per_path(project: Project) -> None:
         assert s.stop() == 0
 
 
-def _children(pid: int) -> list[tuple[str, list[bytes]]]:
-    """The name and arguments of each child of ``pid``."""
-    found = []
-    for child in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{child}/stat").read_text()
-            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found.append((stat[stat.index("(") + 1:stat.rindex(")")], args))
-    return found
-
-
 def test_the_agent_needs_no_ssh_process_of_its_own(project: Project) -> None:
     with start(project) as s:
         (project.local / "a.txt").write_text("a")
         pushed_via(s, "a.txt")
-        ssh = [args for name, args in _children(s.proc.pid) if name == "ssh"]
+        ssh = [args for _, name, args in children(s.proc.pid) if name == "ssh"]
         assert len(ssh) == 1 and b"-M" in ssh[0], ssh  # the master, nothing else
         assert s.stop() == 0
 
@@ -313,7 +285,7 @@ async def test_remote_commands_ride_the_agent(project: Project, direct: bool) ->
     project.remote.mkdir()
     try:
         agent = await Agent.start(master, str(project.remote), direct=direct)
-        ssh_children = [name for name, _ in _children(os.getpid()) if name == "ssh"]
+        ssh_children = [name for _, name, _ in children(os.getpid()) if name == "ssh"]
         assert len(ssh_children) == (1 if direct else 2)
         channel = Channel(master)
         parent = ["sh", "-c", 'tr "\\0" " " < /proc/$PPID/cmdline']
@@ -451,7 +423,7 @@ async def test_a_master_that_refuses_the_session_falls_back_to_an_ssh_client(
     monkeypatch.setattr(mux, "open_session", refused)
     try:
         agent = await Agent.start(master, str(project.remote))
-        assert [name for name, _ in _children(os.getpid())].count("ssh") == 2
+        assert [name for _, name, _ in children(os.getpid())].count("ssh") == 2
         assert (await agent.exec(["echo", "via a client"])).stdout == b"via a client\n"
         await agent.close()
     finally:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import children, processes, wait_until
 
 from dev_sync import mux, runner
 from dev_sync.sandbox import SandboxInfo
@@ -28,30 +28,12 @@ async def master(sandbox: SandboxInfo) -> AsyncIterator[SshMaster]:
 
 
 def _remote_pids(marker: str) -> list[int]:
-    """Processes whose arguments hold ``marker`` (the sandbox remote is this machine)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return processes(lambda args: marker.encode() in args)
 
 
 def _ssh_children() -> list[int]:
     """This process's ssh children: a direct session must add none."""
-    me = str(os.getpid())
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        if stat[stat.rindex(")") + 2:].split()[1] == me and name == "ssh":
-            found.append(int(pid))
-    return found
+    return [pid for pid, name, _ in children(os.getpid()) if name == "ssh"]
 
 
 async def test_streams_exit_status_and_hostile_arguments(master: SshMaster) -> None:
