@@ -424,14 +424,7 @@ def find_agents(remote_root: Path) -> list[int]:
 
 def pss_kb(pid: int) -> int:
     """Proportional set size: shared pages split between the processes sharing them."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return base.proc_kb(pid, "smaps_rollup", "Pss:")
 
 
 def attribute(pushes: list[dict[str, Any]], t0s: list[float]) -> dict[str, Any]:

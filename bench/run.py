@@ -198,15 +198,20 @@ def process_tree(root: int, table: dict[int, tuple[int, int, int]] | None = None
     return out
 
 
-def _rss_kb(pid: int) -> int:
+def proc_kb(pid: int, file: str, field: str) -> int:
+    """A kB figure from /proc/<pid>/<file> (0 once the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(f"/proc/{pid}/{file}") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _rss_kb(pid: int) -> int:
+    return proc_kb(pid, "status", "VmRSS:")
 
 
 def _cmd(pid: int) -> str:
