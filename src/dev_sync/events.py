@@ -488,8 +488,9 @@ class StatusReporter:
     errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
     fast_path: str | None = None
     conflicts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
-    _written: float = 0.0
-    _later: Any = None  # the pending asyncio.TimerHandle of a deferred write
+    _written: float = field(default=0.0, init=False, repr=False)
+    # The pending asyncio.TimerHandle of a deferred write.
+    _later: Any = field(default=None, init=False, repr=False)
 
     def emit(self, event: Event) -> None:
         match event:

@@ -619,7 +619,6 @@ class Agent:
             self.flush_staged()
             if method is None:
                 raise Refused("unknown operation %r" % op)
-            self.real_dirs.clear()
             try:
                 reply = method(meta, data)
             finally:
