@@ -9,7 +9,7 @@ everything" rather than silently lost.
 Two backends share one :class:`Sink`:
 
 * :class:`InotifyWatcher` (Linux, the default there): our own recursive watcher
-  on `asyncinotify`, one watch per *non-excluded* directory. The walk prunes the
+  on :mod:`dev_sync.inotify`, one watch per *non-excluded* directory. The walk prunes the
   ignore rules before a watch is placed, so a 100k-file ``node_modules`` costs no
   watches, and the inotify fd is read by the event loop, so idling costs nothing.
   watchfiles and watchdog cannot do either (see ``notes/python-stack.md``, section 1).
@@ -36,8 +36,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
+from dev_sync import inotify
+
 if TYPE_CHECKING:
-    from asyncinotify import Event, Inotify, Watch
     from watchfiles._rust_notify import RustNotify
 
     from dev_sync.ignore import RuleSet
@@ -228,16 +229,15 @@ WATCH_MASK = (
 """No MODIFY: a file being written is reported once, at CLOSE_WRITE, not per write(2)."""
 
 _FILE_EVENTS = IN_CLOSE_WRITE | IN_ATTRIB | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-_EVENTS_PER_CALLBACK = 4096
-_CACHE_EVENTS = 256  # asyncinotify reads up to this many full-size events per read(2)
+_READ_SIZE = 1 << 16  # a few thousand events per read(2)
 
 
 class InotifyWatcher:
-    """Recursive inotify watcher with pruning, on asyncinotify.
+    """Recursive inotify watcher with pruning.
 
-    Keeps its own ``wd -> directory`` map (and the reverse): asyncinotify's
-    ``Watch.path`` goes stale when a directory is renamed, and the map is what
-    lets a moved subtree's watches be dropped by path. A directory rename is
+    Keeps a ``wd -> directory`` map (and the reverse), updated when a
+    directory is renamed; the map is what lets a moved subtree's watches be
+    dropped by path. A directory rename is
     handled as "old path deleted, new path appeared": the old subtree's watches
     are removed at MOVED_FROM and the new location is walked (with the rules,
     which may differ there) at MOVED_TO.
@@ -250,10 +250,9 @@ class InotifyWatcher:
         self._root = Path(os.path.abspath(root))
         self._rules = rules
         self._sink = sink
-        self._inotify: Inotify | None = None
+        self._inotify: inotify.Inotify | None = None
         self._wd_rel: dict[int, str] = {}
         self._rel_wd: dict[str, int] = {}
-        self._watches: dict[int, Watch] = {}
         self._limit_reported = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,19 +272,13 @@ class InotifyWatcher:
         """
         if self._closed or self._inotify is not None:
             raise RuntimeError("watcher is closed or already started")
-        from asyncinotify import Inotify
-
         try:
-            inotify = Inotify(cache_size=_CACHE_EVENTS)
+            self._inotify = inotify.Inotify()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 raise
             self._sink.degraded(*_instance_limit_problem(exc))
             return
-        # asyncinotify's NONBLOCK flag is an alias of CLOEXEC, so the fd is
-        # blocking; our reader drains it until EAGAIN, which needs O_NONBLOCK.
-        os.set_blocking(inotify.fd, False)
-        self._inotify = inotify
         self._watch_tree("")
 
     async def run(self) -> None:
@@ -295,13 +288,11 @@ class InotifyWatcher:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._loop, self._done = loop, done
-        inotify = self._inotify
-        if inotify is not None:
-            loop.add_reader(inotify.fd, self._on_readable)
+        if self._inotify is not None:
+            # Events that arrived since start() are queued: the fd is readable,
+            # so the reader runs at once.
+            loop.add_reader(self._inotify.fd, self._on_readable)
             self._reading = True
-            # Events that arrived between start() and now are already queued;
-            # a readable fd triggers the reader at once, this covers buffered ones.
-            loop.call_soon(self._on_readable)
         try:
             await done
         finally:
@@ -320,7 +311,6 @@ class InotifyWatcher:
             self._inotify.close()
         self._wd_rel.clear()
         self._rel_wd.clear()
-        self._watches.clear()
 
     def set_rules(self, rules: RuleSet) -> None:
         """Adopt new rules and bring the watch set in line with them.
@@ -356,20 +346,17 @@ class InotifyWatcher:
         (its disappearance is reported by its parent), None at the watch limit.
         """
         assert self._inotify is not None
-        from asyncinotify import Mask
-
         # Below the root, never follow a symlink: a directory swapped for a link
         # between our listing and this call must not pull an outside tree in.
         # (The root itself may be a symlink the user chose.)
         mask = WATCH_MASK if not rel else WATCH_MASK | IN_DONT_FOLLOW
         try:
-            watch = self._inotify.add_watch(_abs(self._root, rel), Mask(mask))
+            wd = self._inotify.add_watch(_abs(self._root, rel), mask)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 return None
             log.debug("cannot watch %r: %s", rel, exc)
             return False
-        wd = watch.wd
         # Same inode seen under a new path (a move whose events are still
         # queued): the wd now belongs to the new path only.
         old_rel = self._wd_rel.get(wd)
@@ -379,10 +366,8 @@ class InotifyWatcher:
         old_wd = self._rel_wd.get(rel)
         if old_wd is not None and old_wd != wd:
             self._wd_rel.pop(old_wd, None)
-            self._watches.pop(old_wd, None)
         self._wd_rel[wd] = rel
         self._rel_wd[rel] = wd
-        self._watches[wd] = watch
         return True
 
     def _unwatch(self, rel: str) -> None:
@@ -390,10 +375,9 @@ class InotifyWatcher:
         if wd is None:
             return
         self._wd_rel.pop(wd, None)
-        watch = self._watches.pop(wd, None)
-        if watch is not None and self._inotify is not None:
+        if self._inotify is not None:
             with contextlib.suppress(OSError):  # already gone with its directory
-                self._inotify.rm_watch(watch)
+                self._inotify.rm_watch(wd)
 
     def _unwatch_subtree(self, rel: str) -> None:
         prefix = rel + "/"
@@ -402,7 +386,6 @@ class InotifyWatcher:
 
     def _forget_wd(self, wd: int) -> None:
         rel = self._wd_rel.pop(wd, None)
-        self._watches.pop(wd, None)
         if rel is not None and self._rel_wd.get(rel) == wd:
             del self._rel_wd[rel]
 
@@ -421,42 +404,36 @@ class InotifyWatcher:
         self._reading = False
 
     def _on_readable(self) -> None:
-        """Drain queued events; hand the loop back now and then during a storm."""
-        inotify = self._inotify
-        if self._closed or inotify is None or not self._reading:
+        """Read the queued events and handle them.
+
+        One read takes at most ``_READ_SIZE`` bytes of whole events; if more
+        are queued the fd stays readable and the loop calls back after other
+        tasks had a turn. No timers, no wake-ups while nothing changes.
+        """
+        ino = self._inotify
+        if self._closed or ino is None or not self._reading:
             return
         try:
-            for _ in range(_EVENTS_PER_CALLBACK):
-                try:
-                    event = inotify.sync_get()
-                except BlockingIOError:
-                    return
-                if event is None:
-                    return
-                self._handle(event)
+            try:
+                data = ino.read(_READ_SIZE)
+            except BlockingIOError:
+                return
+            for wd, mask, name in inotify.parse(data):
+                self._handle(wd, mask, name)
                 if self._closed:
                     return
-            # Events may sit in asyncinotify's buffer with the fd no longer
-            # readable: come back for them after other tasks had a turn.
-            assert self._loop is not None
-            self._loop.call_soon(self._on_readable)
         except Exception as exc:  # a bug here or in the sink: fail run(), loudly
             self._stop_reading()
             if self._done is not None and not self._done.done():
                 self._done.set_exception(exc)
 
-    def _handle(self, event: Event) -> None:
-        mask = int(event.mask)
+    def _handle(self, wd: int, mask: int, name: bytes) -> None:
         if mask & IN_Q_OVERFLOW:
             # Lost events may include new directories: re-walk so they get
             # watches, then ask for a full reconcile.
             self._resync()
             self._sink.rescan(OVERFLOW_REASON)
             return
-        watch = event.watch
-        if watch is None:
-            return
-        wd = watch.wd
         if mask & IN_IGNORED:
             self._forget_wd(wd)
             return
@@ -471,9 +448,9 @@ class InotifyWatcher:
                 self._sink.rescan("a file system under the local root was unmounted")
             # Otherwise the parent's watch reports the deletion or move.
             return
-        if event.name is None:  # an event about the watched directory itself
+        if not name:  # an event about the watched directory itself
             return
-        rel = _join(dir_rel, str(event.name))
+        rel = _join(dir_rel, os.fsdecode(name))
         if mask & IN_ISDIR:
             self._handle_dir(rel, mask)
         else:
