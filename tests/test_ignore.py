@@ -295,6 +295,17 @@ def test_load_dir_rereads_and_forgets(tmp_path: Path) -> None:
     assert not rules.is_excluded("x.tmp", False)
 
 
+def test_decisions_below_a_reread_folder_change_too(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    rules = rules_with(tmp_path, "")
+    judged = [("a/b/x.tmp", False), ("a/b/x.tmp", True), ("a/b", True), ("a/b/c/y", False)]
+    assert [rules.is_excluded(p, d) for p, d in judged] == [False] * 4
+    assert [rules.is_excluded(p, d) for p, d in judged] == [False] * 4  # asked again
+    (tmp_path / "a" / ".gitignore").write_text("*.tmp\nb/\n")
+    rules.load_dir("a")
+    assert [rules.is_excluded(p, d) for p, d in judged] == [True] * 4
+
+
 def test_rule_file_that_is_a_symlink_or_dir_is_not_read(tmp_path: Path) -> None:
     """git refuses in-tree .gitignore symlinks; a directory of that name is no rule file."""
     make_tree(

@@ -374,6 +374,9 @@ class RuleSet:
         self._files: dict[str, list[_Pattern]] = {}
         # Folder -> excluded by its own rules (ancestors aside); see is_excluded.
         self._folder_cache: dict[str, bool] = {}
+        # Path -> whole decision, as a file and as a folder: a changed file is
+        # judged by the watcher and again by the engine before it is sent.
+        self._decided: tuple[dict[str, bool], dict[str, bool]] = ({}, {})
 
     def load_dir(self, rel_dir: str, *, included: bool = False) -> None:
         """Read (or re-read) ``<root>/<rel_dir>/.gitignore``, or forget it if it is gone.
@@ -385,6 +388,8 @@ class RuleSet:
         """
         self._files.pop(rel_dir, None)
         self._folder_cache.clear()  # decisions below rel_dir may change
+        for decided in self._decided:
+            decided.clear()
         if not self.gitignore or (
             rel_dir and not included and self.is_excluded(rel_dir, is_dir=True)
         ):
@@ -414,6 +419,12 @@ class RuleSet:
             return False
         if is_dir is None:
             return self.is_excluded(rel, False) or self.is_excluded(rel, True)
+        decided = self._decided[is_dir]
+        known = decided.get(rel)
+        if known is not None:
+            return known
+        if len(decided) > 10_000:
+            decided.clear()
         parts = rel.split("/")
         cache = self._folder_cache
         for depth in range(1, len(parts)):
@@ -425,8 +436,10 @@ class RuleSet:
                     cache.clear()
                 excluded = cache[key] = self._excluded_itself(parts[:depth], True)
             if excluded:
+                decided[rel] = True
                 return True
-        return self._excluded_itself(parts, is_dir)
+        decided[rel] = excluded = self._excluded_itself(parts, is_dir)
+        return excluded
 
     def is_excluded_child(self, rel: str, is_dir: bool) -> bool:
         """:meth:`is_excluded` for a path whose parent is known to be included.
