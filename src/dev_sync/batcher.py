@@ -10,7 +10,6 @@ as a whole anyway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -62,8 +61,8 @@ class Batcher:
         now = time.monotonic()
         if not self._changes and not self._full:
             self._first = now
+            self._wake.set()  # only the first change wakes next_batch: see there
         self._last = now
-        self._wake.set()
 
     def add(self, rel: str, recursive: bool = False) -> None:
         self._touch()
@@ -110,12 +109,12 @@ class Batcher:
         while not self._changes and not self._full:
             self._wake.clear()
             await self._wake.wait()
+        # Then sleep until the quiet period or the cap would end, and look
+        # again. A change meanwhile only moves the deadline: waking for each
+        # one would cost a task switch and a new timer per event in a burst.
         while True:
             now = time.monotonic()
             deadline = min(self._last + self.debounce, self._first + self.max_delay)
             if now >= deadline:
                 return self._take()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(deadline - now):
-                    await self._wake.wait()
+            await asyncio.sleep(deadline - now)
