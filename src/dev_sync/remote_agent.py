@@ -95,6 +95,9 @@ def file_hash(path: str) -> str:
 class Agent:
     def __init__(self, root: str, out: BinaryIO) -> None:
         self.root = root.rstrip("/") or "/"
+        # What a relative path is appended to after a "/": string joins, since
+        # os.path.join was a sixth of the agent's time in a burst of writes.
+        self.base = self.root.rstrip("/")
         self.out = out
         self.lock = threading.Lock()
         self.held = bytearray()
@@ -144,9 +147,9 @@ class Agent:
             raise Refused("not a plain relative path: %r" % rel)
         if parts[0] in (INTERNAL, ".dev-sync-root"):
             raise Refused("dev-sync's own files are not synced")
-        current = self.root
+        current = self.base
         for part in parts[:-1]:
-            current = os.path.join(current, part)
+            current = current + "/" + part
             if current in self.real_dirs:
                 continue
             st = _lstat(current)
@@ -157,7 +160,7 @@ class Agent:
                 raise Refused("a parent is a symlink on the remote: %r" % current)
             if stat.S_ISDIR(st.st_mode):
                 self.real_dirs.add(current)
-        return os.path.join(self.root, *parts)
+        return self.base + "/" + rel
 
     def lookup(
         self, rels: Iterable[str]
@@ -173,9 +176,9 @@ class Agent:
 
     def parents(self, rel: str) -> None:
         """Make the parent folders exist, never through a symlink (that could lead out)."""
-        current = self.root
+        current = self.base
         for part in rel.split("/")[:-1]:
-            current = os.path.join(current, part)
+            current = current + "/" + part
             if current in self.real_dirs:
                 continue
             try:
@@ -231,7 +234,7 @@ class Agent:
         full = self.path(rel)
         self.parents(rel)
         mode, mtime = meta["mode"] & 0o7777, meta["mtime_ns"]
-        tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+        tmp = _temp_beside(full)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
@@ -252,9 +255,9 @@ class Agent:
             try:
                 try:
                     os.fsync(fd)
+                    os.utime(fd, ns=(mtime, mtime))
                 finally:
                     os.close(fd)
-                os.utime(tmp, ns=(mtime, mtime))
                 st = _lstat(full)
                 if st is not None and stat.S_ISDIR(st.st_mode):
                     raise Refused("a folder on the remote")
@@ -305,7 +308,7 @@ class Agent:
             self.record.pop(source[0], None)
             self.hashes.pop(source[0], None)
         else:
-            tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+            tmp = _temp_beside(full)
             try:
                 shutil.copyfile(source[1], tmp)
                 os.rename(tmp, full)
@@ -345,7 +348,7 @@ class Agent:
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise Refused("a folder on the remote")
         conflict = self.keep_aside(rel, full, st)
-        tmp = os.path.join(os.path.dirname(full), TMP_PREFIX + os.urandom(6).hex())
+        tmp = _temp_beside(full)
         os.symlink(os.fsdecode(data), tmp)
         try:
             os.utime(tmp, ns=(meta["mtime_ns"], meta["mtime_ns"]), follow_symlinks=False)
@@ -645,6 +648,11 @@ class Agent:
             if not chunk:
                 return
             buf += chunk
+
+
+def _temp_beside(full: str) -> str:
+    """A fresh temporary name in the folder of ``full`` (opened with O_EXCL)."""
+    return full[:full.rindex("/") + 1] + TMP_PREFIX + os.urandom(6).hex()
 
 
 def _lstat(path: str) -> Optional[os.stat_result]:
