@@ -351,7 +351,7 @@ class Engine:
     def _included(self, rel: str) -> bool:
         """rsync does not apply rules to the parents of listed names: filter here too."""
         try:
-            is_dir: bool | None = stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode)
+            is_dir: bool | None = stat.S_ISDIR(os.lstat(f"{self.root}/{rel}").st_mode)
         except OSError:
             is_dir = None
         return not self.rules.is_excluded(rel, is_dir)

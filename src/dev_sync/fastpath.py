@@ -265,10 +265,10 @@ class FastPusher:
         gone_files: list[str] = []
         gone_dirs: list[str] = []
         new_dirs: list[str] = []
-        base = str(root)
+        base = f"{root}/"  # joined by hand: this runs per file of a burst
         for rel, recursive in wanted.items():
             try:
-                st = os.lstat(os.path.join(base, rel))
+                st = os.lstat(base + rel)
             except (FileNotFoundError, NotADirectoryError):
                 parent = posixpath.dirname(rel)
                 if recursive:
@@ -335,7 +335,7 @@ class FastPusher:
         # Never follow a symlink, never block on a fifo that took the file's place.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(os.path.join(self.local_root, rel), flags)
+            fd = os.open(f"{self.local_root}/{rel}", flags)
         except OSError:
             return (_Op(rel, "skip"), {}, b"")  # gone again: its own event follows
         try:
