@@ -33,6 +33,8 @@ from dev_sync.pusher import RsyncPusher, Stats
 
 # Below this size a file is just sent: the bytes cost less than a question.
 SEND_ANYWAY = 64 * 1024
+# Requests read and sent together before the next ones are read (see send).
+SEND_SLICE = 8
 # A new folder is sent through the agent when it is this small.
 SMALL_TREE_ENTRIES = 200
 HASH_MEMORY = 50_000
@@ -54,12 +56,23 @@ class _Op:
     size: int = 0
 
 
+_Planned = tuple[_Op, dict[str, object], bytes]
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A file whose contents are read when its part of the batch is sent."""
+
+    rel: str
+    gone: list[str]  # the batch's vanished files, complete by then: see _file_op
+
+
 @dataclass
 class Sent:
     """A batch whose agent part is on its way; :meth:`FastPusher.finish` completes it."""
 
     agent: Agent
-    plan: list[tuple[_Op, dict[str, object], bytes]]
+    plan: list[_Planned]
     futures: list[asyncio.Future[Reply]]
     by_rsync: dict[str, bool]
     started: float
@@ -148,14 +161,26 @@ class FastPusher:
             if rel:
                 wanted[rel] = wanted.get(rel, False) or recursive
         by_rsync: dict[str, bool] = {}
-        plan = self._plan(wanted, by_rsync)
-        deletions = sum(1 for op, _, _ in plan if op.kind == "delete")
+        steps = self._plan(wanted, by_rsync)
+        deletions = sum(1 for s in steps if isinstance(s, tuple) and s[0].kind == "delete")
         if deletions:
             self.rsync.guard.check(deletions, self.rsync.remote_total)
-        futures = agent.send_many([(meta, data) for _op, meta, data in plan])
         self._sends += 1
-        await self._flush(agent, futures)
-        return Sent(agent, plan, futures, by_rsync, started, self._sends)
+        sequence = self._sends
+        # Files are read and sent a slice at a time, each slice flushed before
+        # the next is read: the agent starts writing the first files while the
+        # last are still being read here, so a large batch is not read whole,
+        # then sent whole, then written whole.
+        plan: list[_Planned] = []
+        futures: list[asyncio.Future[Reply]] = []
+        for start in range(0, len(steps), SEND_SLICE):
+            part = [self._file_op(s.rel, s.gone) if isinstance(s, _Later) else s
+                    for s in steps[start:start + SEND_SLICE]]
+            part = [p for p in part if p[0].kind != "skip"]
+            plan += part
+            futures += agent.send_many([(meta, data) for _op, meta, data in part])
+            await self._flush(agent, futures)
+        return Sent(agent, plan, futures, by_rsync, started, sequence)
 
     async def finish(self, sent: Sent) -> Stats:
         """Collect a sent batch's answers, then do with rsync what the agent could not."""
@@ -164,7 +189,7 @@ class FastPusher:
         stats = Stats(via="agent")
         replies = await self._replies(sent.futures)
         failures: list[tuple[str, Reply]] = []
-        retry: list[tuple[_Op, dict[str, object], bytes]] = []
+        retry: list[_Planned] = []
         moved_dirs: list[str] = []
         for (op, meta, _data), reply in zip(plan, replies, strict=True):
             if reply.ok:
@@ -255,13 +280,12 @@ class FastPusher:
 
     # -- planning ------------------------------------------------------------
 
-    def _plan(
-        self, wanted: dict[str, bool], by_rsync: dict[str, bool]
-    ) -> list[tuple[_Op, dict[str, object], bytes]]:
+    def _plan(self, wanted: dict[str, bool], by_rsync: dict[str, bool]) -> list[_Planned | _Later]:
+        """The batch's requests in the order they must apply; files still to be read."""
         root = self.local_root
-        mkdirs: list[tuple[_Op, dict[str, object], bytes]] = []
-        writes: list[tuple[_Op, dict[str, object], bytes]] = []
-        deletes: list[tuple[_Op, dict[str, object], bytes]] = []
+        mkdirs: list[_Planned] = []
+        writes: list[_Planned | _Later] = []
+        deletes: list[_Planned] = []
         gone_files: list[str] = []
         gone_dirs: list[str] = []
         new_dirs: list[str] = []
@@ -288,7 +312,7 @@ class FastPusher:
                                {"op": "symlink", "path": rel, "mtime_ns": st.st_mtime_ns},
                                os.fsencode(os.readlink(root / rel))))
             elif stat.S_ISREG(st.st_mode) and st.st_size <= self.max_bytes:
-                writes.append(self._file_op(rel, gone_files))
+                writes.append(_Later(rel, gone_files))
             elif stat.S_ISREG(st.st_mode):
                 by_rsync[rel] = False
         moves = self._dir_moves(gone_dirs, new_dirs)
@@ -310,28 +334,27 @@ class FastPusher:
                                         "mtime_ns": sub_st.st_mtime_ns},
                                        os.fsencode(os.readlink(root / sub))))
                     else:
-                        writes.append(self._file_op(sub, gone_files))
+                        writes.append(_Later(sub, gone_files))
         for rel in gone_dirs:
             if rel not in moves.values():
                 by_rsync[rel] = True
         for rel in sorted(gone_files, key=lambda r: -r.count("/")):
             deletes.append((_Op(rel, "delete"), {"op": "delete", "path": rel}, b""))
         mkdirs.sort(key=lambda item: item[0].rel.count("/"))
-        dir_moves: list[tuple[_Op, dict[str, object], bytes]] = [
+        dir_moves: list[_Planned] = [
             (_Op(new, "move_dir"), {"op": "move_dir", "from": old, "path": new}, b"")
             for new, old in moves.items()
         ]
-        writes = [w for w in writes if w[0].kind != "skip"]
         # Folder moves first (files may land inside), files before the deletes
         # they may be made from.
         return [*dir_moves, *mkdirs, *writes, *deletes]
 
-    def _mkdir_op(self, rel: str, st: os.stat_result) -> tuple[_Op, dict[str, object], bytes]:
+    def _mkdir_op(self, rel: str, st: os.stat_result) -> _Planned:
         return (_Op(rel, "mkdir"),
                 {"op": "mkdir", "path": rel, "mode": stat.S_IMODE(st.st_mode),
                  "mtime_ns": st.st_mtime_ns}, b"")
 
-    def _write_op(self, rel: str) -> tuple[_Op, dict[str, object], bytes]:
+    def _write_op(self, rel: str) -> _Planned:
         # Never follow a symlink, never block on a fifo that took the file's place.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
@@ -360,7 +383,7 @@ class FastPusher:
             meta["hash"] = _hash(data)
         return (_Op(rel, "write", len(data)), meta, data)
 
-    def _file_op(self, rel: str, gone: Sequence[str]) -> tuple[_Op, dict[str, object], bytes]:
+    def _file_op(self, rel: str, gone: Sequence[str]) -> _Planned:
         """A write, or for a larger file a move or copy of content the remote holds."""
         op, meta, data = self._write_op(rel)
         if op.kind != "write" or op.size <= SEND_ANYWAY:
