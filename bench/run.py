@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -36,6 +37,7 @@ import platform
 import posixpath
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -50,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import treegen
-from asyncinotify import Inotify, Mask
 
 from dev_sync import __version__ as DEV_SYNC_VERSION
 from dev_sync.sandbox import Sandbox, SandboxInfo
@@ -244,140 +245,83 @@ def sample_tree(root: int) -> TreeSample:
 
 
 class RemoteObserver:
-    """Tells when files under a remote root hold expected bytes.
+    """Tells when files under a remote root hold expected bytes: the client of
+    ``remote_watch.py``, which watches with inotify in a process of its own.
 
-    Watches the folders the files land in (or, for folders that do not exist
-    yet, their nearest existing ancestor, following new folders down). A file
-    counts as arrived when an event names it (rsync renames a finished temp
-    file into place: MOVED_TO; an in-place write: CLOSE_WRITE) *and* its
-    content reads back equal. The event is time-stamped as it is read. A
-    check of all pending files after 250 ms without any event backs this up;
-    files found that way are counted in ``fallback_hits`` (their times are
-    then only good to 250 ms), and should stay at zero.
+    There, events are time-stamped as the kernel hands them over, also while
+    this process is busy writing a burst (see that file for why, and for how
+    a file counts as arrived). Times are ``time.perf_counter`` values.
+    ``fallback_hits`` counts files seen only by the 250 ms backup check, and
+    should stay at zero.
     """
-
-    MASK = Mask.MOVED_TO | Mask.CLOSE_WRITE | Mask.CREATE
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.ino = Inotify()
-        self.rel_of: dict[int, str] = {}
-        self.watched: set[str] = set()
-        self.pending: dict[str, bytes] = {}
-        self.arrived: dict[str, float] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
         self.fallback_hits = 0
         self.overflows = 0
         self.events = 0
-        self._done = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> RemoteObserver:
-        self._task = asyncio.get_running_loop().create_task(self._read())
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("remote_watch.py")), str(self.root)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
         return self
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.ino.close()
-
-    def _watch(self, rel_dir: str) -> bool:
-        if rel_dir in self.watched:
-            return True
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
         try:
-            w = self.ino.add_watch(self.root / rel_dir if rel_dir else self.root, self.MASK)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        self.rel_of[w.wd] = rel_dir
-        self.watched.add(rel_dir)
-        return True
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _reply(self, timeout: float) -> dict[str, Any] | None:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the remote watcher exited ({self.proc.poll()})")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     def arm(self, expected: dict[str, bytes]) -> None:
         """Start expecting ``expected`` (rel path -> bytes); call before the change."""
-        self.pending = dict(expected)
-        self.arrived = {}
-        self._done.clear()
-        for rel_dir in {posixpath.dirname(r) for r in expected}:
-            cur = rel_dir
-            while not self._watch(cur):
-                if not cur:
-                    raise FileNotFoundError(self.root)
-                cur = posixpath.dirname(cur)
-        early = [r for r in self.pending if self._matches(r)]
-        if early:
-            raise RuntimeError(f"{len(early)} files already hold the new content, e.g. {early[0]}")
-
-    def _matches(self, rel: str) -> bool:
-        try:
-            with open(self.root / rel, "rb") as fh:
-                return fh.read() == self.pending[rel]
-        except OSError:
-            return False
-
-    def _check(self, rel: str, t: float) -> None:
-        if rel in self.pending and self._matches(rel):
-            del self.pending[rel]
-            self.arrived[rel] = t
-            if not self.pending:
-                self._done.set()
-
-    def _new_dir(self, rel: str, t: float) -> None:
-        prefix = rel + "/"
-        if not any(p.startswith(prefix) for p in self.pending):
-            return
-        self._watch(rel)
-        # Whatever landed before the watch did produced no event: look.
-        for dirpath, dirnames, filenames in os.walk(self.root / rel):
-            base = os.path.relpath(dirpath, self.root)
-            for d in dirnames:
-                self._watch(posixpath.join(base, d))
-            for f in filenames:
-                self._check(posixpath.join(base, f), t)
-
-    async def _read(self) -> None:
-        async for ev in self.ino:
-            t = time.perf_counter()
-            self.events += 1
-            if ev.mask & Mask.Q_OVERFLOW:
-                self.overflows += 1
-                for rel in list(self.pending):
-                    self._check(rel, t)
-                continue
-            if ev.name is None or ev.watch is None:
-                continue
-            base = self.rel_of.get(ev.watch.wd)
-            if base is None:
-                continue
-            rel = posixpath.join(base, str(ev.name)) if base else str(ev.name)
-            if ev.mask & Mask.ISDIR:
-                if ev.mask & (Mask.CREATE | Mask.MOVED_TO):
-                    self._new_dir(rel, t)
-            elif rel in self.pending:
-                self._check(rel, t)
+        self._send({"arm": {rel: hashlib.sha256(data).hexdigest()
+                            for rel, data in expected.items()}})
+        reply = self._reply(60)
+        if reply is None or "error" in reply:
+            why = "no answer" if reply is None else reply["error"]
+            if reply is not None and reply.get("missing"):
+                raise FileNotFoundError(why)
+            raise RuntimeError(why)
 
     async def wait(self, timeout: float) -> float:
         """perf_counter time at which the last expected file arrived."""
-        deadline = time.perf_counter() + timeout
-        seen = self.events
-        while self.pending:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                sample = next(iter(self.pending))
-                raise TimeoutError(f"{len(self.pending)} files not on the remote after "
-                                   f"{timeout:g}s, e.g. {sample}")
-            try:
-                await asyncio.wait_for(self._done.wait(), min(left, 0.25))
-            except TimeoutError:
-                if self.events != seen:  # events are flowing: no reason to doubt them
-                    seen = self.events
-                    continue
-                now = time.perf_counter()
-                before = len(self.pending)
-                for rel in list(self.pending):
-                    self._check(rel, now)
-                self.fallback_hits += before - len(self.pending)
-        return max(self.arrived.values())
+        reply = await asyncio.to_thread(self._reply, timeout)
+        if reply is None:
+            self._send({"status": True})
+            status = await asyncio.to_thread(self._reply, 10) or {}
+            raise TimeoutError(f"{status.get('pending')} files not on the remote after "
+                               f"{timeout:g}s, e.g. {status.get('sample')}")
+        self.fallback_hits = int(reply["fallback_hits"])
+        self.overflows = int(reply["overflows"])
+        self.events = int(reply["events"])
+        return float(reply["done"])
 
 
 # --------------------------------------------------------------------------
