@@ -180,6 +180,9 @@ class FastPusher:
             plan += part
             futures += agent.send_many([(meta, data) for _op, meta, data in part])
             await self._flush(agent, futures)
+            # A turn for the watcher: the next batch's clock starts when its
+            # first change is read, not when this whole batch is out.
+            await asyncio.sleep(0)
         return Sent(agent, plan, futures, by_rsync, started, sequence)
 
     async def finish(self, sent: Sent) -> Stats:
