@@ -219,3 +219,22 @@ def test_a_burst_of_writes_is_synced_once_and_renamed_in_order(h: Harness) -> No
     answers = h.answers()
     assert [a[1] for a in answers] == [0, 1, 2, 3] and all(a[2]["ok"] for a in answers)
     assert [p.name for p in h.root.iterdir()] == ["f.txt"]
+
+
+def test_the_record_is_written_when_requests_pause(h: Harness) -> None:
+    """Writing it stalls the agent for milliseconds: not in the middle of a burst,
+    and not never under a steady flow either."""
+    agent = h.agent
+    assert not agent.save_due(agent.saved + 100)  # nothing to write
+    h.write("a.txt", b"x")
+    agent.active = agent.saved + 5.0
+    assert not agent.save_due(agent.active)  # requests are coming in
+    assert not agent.save_due(agent.active + 0.4)
+    assert agent.save_due(agent.active + 0.5)  # they paused
+    agent.saved, agent.active = 100.0, 109.8
+    assert not agent.save_due(109.9)
+    agent.active = 109.9
+    assert agent.save_due(110.0)  # a steady flow: written at most this late
+    agent.save()
+    assert not agent.save_due(agent.saved + 100)
+    assert (h.root / ".dev-sync" / "record.json").is_file()

@@ -38,6 +38,11 @@ HELLO, REQUEST, ACK, OUTPUT = 0, 1, 2, 3
 INTERNAL = ".dev-sync"
 TMP_PREFIX = ".~dev-sync."
 MAX_STAGED = 256  # open files held between a write and its fsync
+# Writing the record holds the interpreter for about 10 ms per 5,000 entries:
+# it waits until requests pause this long, or at most this long under a
+# steady flow, so a burst is not stalled in its middle.
+SAVE_QUIET_S = 0.5
+SAVE_AT_MOST_S = 10.0
 
 Signature = Tuple[int, int, int]
 
@@ -115,6 +120,8 @@ class Agent:
         self.real_dirs: Set[str] = set()
         self.running: Dict[int, subprocess.Popen[bytes]] = {}
         self.record_path = os.path.join(self.root, INTERNAL, "record.json")
+        self.active = 0.0  # time.monotonic() of the last input
+        self.saved = time.monotonic()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -589,6 +596,7 @@ class Agent:
         if not self.dirty:
             return
         self.dirty = False
+        self.saved = time.monotonic()
         entries = dict(self.record.items())  # one C-level copy: safe beside the main thread
         body = encode_meta({"version": 1, "entries": entries, "dirs": sorted(set(self.dirs))})
         tmp = "%s.%d" % (self.record_path, os.getpid())
@@ -601,9 +609,14 @@ class Agent:
             self.dirty = True  # a full disk, say: try again later
             _unlink(tmp)
 
+    def save_due(self, now: float) -> bool:
+        return self.dirty and (now - self.active >= SAVE_QUIET_S
+                               or now - self.saved >= SAVE_AT_MOST_S)
+
     def saver(self, stop: threading.Event) -> None:
         while not stop.wait(1.0):
-            self.save()
+            if self.save_due(time.monotonic()):
+                self.save()
 
     # -- loop ----------------------------------------------------------------
 
@@ -647,6 +660,7 @@ class Agent:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return
+            self.active = time.monotonic()
             buf += chunk
 
 
