@@ -428,3 +428,36 @@ async def test_a_master_that_refuses_the_session_falls_back_to_an_ssh_client(
         await agent.close()
     finally:
         await master.close()
+
+
+def test_runs_of_writes_travel_as_one_request_and_come_back_per_file() -> None:
+    from dev_sync.agent import Reply
+    from dev_sync.fastpath import _Op, _per_step, _requests
+
+    def write(rel: str, data: bytes) -> tuple[_Op, dict[str, object], bytes]:
+        return (_Op(rel, "write", len(data)),
+                {"op": "write", "path": rel, "mode": 0o644, "mtime_ns": 7}, data)
+
+    mkdir_meta: dict[str, object] = {"op": "mkdir", "path": "d", "mode": 0o755}
+    delete_meta: dict[str, object] = {"op": "delete", "path": "x"}
+    mkdir = (_Op("d", "mkdir"), mkdir_meta, b"")
+    delete = (_Op("x", "delete"), delete_meta, b"")
+    part = [write("a", b"1"), write("b", b"22"), mkdir, write("d/c", b"333"), delete,
+            write("e", b""), write("-e", b"55555")]
+    requests, shape = _requests(part)
+    assert shape == [2, 0, 0, 0, 2]
+    assert requests[0] == ({"op": "writes", "files": [["a", 0o644, 7, 1, None],
+                                                      ["b", 0o644, 7, 2, None]]}, b"122")
+    assert [meta["op"] for meta, _ in requests] == ["writes", "mkdir", "write", "delete",
+                                                    "writes"]
+    assert requests[4][1] == b"55555"
+
+    ok = Reply(True, {"ok": True})
+    group = Reply(True, {"ok": True, "results": [
+        {"ok": True, "conflict": "c"}, {"ok": False, "refused": True}]})
+    whole = Reply(False, {"ok": False, "errno": "ENOSPC", "error": "full"})
+    steps = _per_step([group, ok, ok, ok, whole], shape)
+    assert [(r.ok, r.refused) for r in steps] == [
+        (True, False), (False, True), (True, False), (True, False), (True, False),
+        (False, False), (False, False)]
+    assert steps[0].meta["conflict"] == "c" and steps[6].meta["errno"] == "ENOSPC"

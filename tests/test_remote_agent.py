@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dev_sync import remote_agent
 from dev_sync.remote_agent import ACK, Agent, frame, take_frames
 
 
@@ -238,3 +239,44 @@ def test_the_record_is_written_when_requests_pause(h: Harness) -> None:
     agent.save()
     assert not agent.save_due(agent.saved + 100)
     assert (h.root / ".dev-sync" / "record.json").is_file()
+
+
+def test_several_writes_in_one_request_get_an_answer_each(h: Harness) -> None:
+    (h.root / "vm").mkdir()
+    h.write("vm/old.txt", b"before")
+    h(op="snapshot", entries=["vm", "vm/old.txt"], dirs=["", "vm"])
+    (h.root / "vm" / "old.txt").write_bytes(b"edited on the VM")  # kept aside, then replaced
+    files = [("a.txt", b"first"), ("../out.txt", b"refused"), ("sub/deep/b.txt", b""),
+             ("vm/old.txt", b"new"), ("-e", b"$(touch pwned)")]
+    reply = h(b"".join(data for _, data in files), op="writes", files=[
+        [rel, 0o640, 10**18 + i, len(data), None] for i, (rel, data) in enumerate(files)])
+    results = reply["results"]
+    assert reply["ok"] and len(results) == len(files)
+    assert [bool(r.get("ok")) for r in results] == [True, False, True, True, True]
+    assert results[1]["refused"]
+    assert results[3]["conflict"].startswith(".dev-sync/conflicts/")
+    for i, (rel, data) in enumerate(files):
+        if i == 1:
+            continue
+        st = (h.root / rel).stat()
+        assert (h.root / rel).read_bytes() == data
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o640, 10**18 + i)
+    assert not (h.root.parent / "out.txt").exists()
+    assert not (h.root / "pwned").exists()
+    assert (h.root / results[3]["conflict"]).read_bytes() == b"edited on the VM"
+
+
+def test_a_writes_request_larger_than_the_staging_limit_lands_whole(h: Harness) -> None:
+    files = [(f"d/f{i}.txt", b"%d" % i) for i in range(remote_agent.MAX_STAGED + 10)]
+    reply = h(b"".join(data for _, data in files), op="writes",
+              files=[[rel, 0o644, 10**18, len(data), None] for rel, data in files])
+    assert [r["ok"] for r in reply["results"]] == [True] * len(files)
+    assert all((h.root / rel).read_bytes() == data for rel, data in files)
+
+
+def test_a_writes_request_whose_sizes_do_not_add_up_is_refused_whole(h: Harness) -> None:
+    reply = h(b"abc", op="writes", files=[["a.txt", 0o644, 10**18, 2, None]])
+    assert not reply["ok"] and reply["refused"] and "bad request" in reply["error"]
+    reply = h(b"", op="writes", files=[["a.txt", 0o644]])
+    assert not reply["ok"] and reply["refused"]
+    assert not (h.root / "a.txt").exists()

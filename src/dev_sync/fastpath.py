@@ -73,10 +73,53 @@ class Sent:
 
     agent: Agent
     plan: list[_Planned]
-    futures: list[asyncio.Future[Reply]]
+    futures: list[asyncio.Future[Reply]]  # one per request (see _requests)
     by_rsync: dict[str, bool]
     started: float
     sequence: int
+    shape: list[int]  # per request: 0 for one step of the plan, n for n files in one
+
+
+def _requests(part: Sequence[_Planned]) -> tuple[list[tuple[dict[str, object], bytes]], list[int]]:
+    """The requests for some steps of a plan: runs of file writes go as one ``writes``
+    request (one frame and one answer for all of them), anything else as its own."""
+    requests: list[tuple[dict[str, object], bytes]] = []
+    shape: list[int] = []
+    run: list[tuple[dict[str, object], bytes]] = []
+
+    def end_run() -> None:
+        if len(run) == 1:
+            requests.append(run[0])
+            shape.append(0)
+        elif run:
+            files = [[m["path"], m["mode"], m["mtime_ns"], len(d), m.get("hash")] for m, d in run]
+            requests.append(({"op": "writes", "files": files}, b"".join(d for _, d in run)))
+            shape.append(len(run))
+        run.clear()
+
+    for _op, meta, data in part:
+        if meta["op"] == "write":
+            run.append((meta, data))
+            continue
+        end_run()
+        requests.append((meta, data))
+        shape.append(0)
+    end_run()
+    return requests, shape
+
+
+def _per_step(replies: Sequence[Reply], shape: Sequence[int]) -> list[Reply]:
+    """One answer per step of the plan, a ``writes`` request's split by file."""
+    out: list[Reply] = []
+    for reply, n in zip(replies, shape, strict=True):
+        results = reply.meta.get("results")
+        if not n:
+            out.append(reply)
+        elif reply.ok and isinstance(results, list) and len(results) == n:
+            out += [Reply(bool(r.get("ok")), r) for r in results]
+        else:
+            out += [reply] * n  # turned down as a whole: every file has that answer
+    return out
 
 
 def _hash(data: bytes) -> str:
@@ -173,24 +216,27 @@ class FastPusher:
         # then sent whole, then written whole.
         plan: list[_Planned] = []
         futures: list[asyncio.Future[Reply]] = []
+        shape: list[int] = []
         for start in range(0, len(steps), SEND_SLICE):
             part = [self._file_op(s.rel, s.gone) if isinstance(s, _Later) else s
                     for s in steps[start:start + SEND_SLICE]]
             part = [p for p in part if p[0].kind != "skip"]
             plan += part
-            futures += agent.send_many([(meta, data) for _op, meta, data in part])
+            requests, part_shape = _requests(part)
+            futures += agent.send_many(requests)
+            shape += part_shape
             await self._flush(agent, futures)
             # A turn for the watcher: the next batch's clock starts when its
             # first change is read, not when this whole batch is out.
             await asyncio.sleep(0)
-        return Sent(agent, plan, futures, by_rsync, started, sequence)
+        return Sent(agent, plan, futures, by_rsync, started, sequence, shape)
 
     async def finish(self, sent: Sent) -> Stats:
         """Collect a sent batch's answers, then do with rsync what the agent could not."""
         agent, plan = sent.agent, sent.plan
         by_rsync = sent.by_rsync
         stats = Stats(via="agent")
-        replies = await self._replies(sent.futures)
+        replies = _per_step(await self._replies(sent.futures), sent.shape)
         failures: list[tuple[str, Reply]] = []
         retry: list[_Planned] = []
         moved_dirs: list[str] = []

@@ -112,7 +112,10 @@ class Agent:
         self.known = False  # a snapshot was taken: unknown files are the VM's own
         self.stamp = ""
         self.dirty = False
-        self.staged: List[Tuple[int, str, str, str, int, int, Optional[str]]] = []
+        self.staged: List[Tuple[Any, str, str, str, int, int, Optional[str]]] = []
+        # Requests of several writes (``writes``) still waiting for some of
+        # their files: request id -> [answers by file, how many are missing].
+        self.groups: Dict[int, List[Any]] = {}
         # Folders found to be real folders (not symlinks) while handling the
         # requests of one read: a burst writes many files into few folders.
         # Forgotten after each read and after anything but a write, so what
@@ -236,7 +239,7 @@ class Agent:
     # per file (milliseconds each on a cloud disk). Any other request commits
     # first, so requests still take effect in the order they came.
 
-    def stage(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
+    def stage(self, ident: Any, meta: Dict[str, Any], data: Any) -> None:
         rel = meta["path"]
         full = self.path(rel)
         self.parents(rel)
@@ -254,10 +257,10 @@ class Agent:
             raise
         self.staged.append((ident, rel, full, tmp, fd, mtime, meta.get("hash")))
 
-    def commit(self) -> List[Tuple[int, Dict[str, Any]]]:
+    def commit(self) -> List[Tuple[Any, Dict[str, Any]]]:
         """Finish the staged writes: (request id, answer) for each, in order."""
         staged, self.staged = self.staged, []
-        done: List[Tuple[int, Dict[str, Any]]] = []
+        done: List[Tuple[Any, Dict[str, Any]]] = []
         for ident, rel, full, tmp, fd, mtime, digest in staged:
             try:
                 try:
@@ -285,7 +288,49 @@ class Agent:
 
     def flush_staged(self) -> None:
         for ident, reply in self.commit():
+            self.answer(ident, reply)
+
+    def answer(self, ident: Any, reply: Dict[str, Any]) -> None:
+        """Acknowledge a request, or one file of a ``writes`` request (``(id, slot)``):
+        that one is acknowledged once, with every file's answer, when the last is known."""
+        if not isinstance(ident, tuple):
             self.hold(ACK, ident, reply)
+            return
+        request, slot = ident
+        group = self.groups[request]
+        group[0][slot] = reply
+        group[1] -= 1
+        if group[1] == 0:
+            del self.groups[request]
+            self.hold(ACK, request, {"ok": True, "results": group[0]})
+
+    def stage_many(self, ident: int, meta: Dict[str, Any], data: bytes) -> None:
+        """Several small files in one request: ``files`` lists [path, mode, mtime_ns,
+        size, hash or null] and the data is their contents one after the other. Saves
+        a request and an answer per file in a burst; each file still gets its own
+        answer (in the one acknowledgement), so one refused path fails alone."""
+        files = [(str(rel), int(mode), int(mtime), int(size), digest)
+                 for rel, mode, mtime, size, digest in meta["files"]]
+        if sum(f[3] for f in files) != len(data) or any(f[3] < 0 for f in files):
+            raise ValueError("the sizes do not add up to the data")
+        if not files:
+            self.hold(ACK, ident, {"ok": True, "results": []})
+            return
+        self.groups[ident] = [[None] * len(files), len(files)]
+        view = memoryview(data)
+        pos = 0
+        for slot, (rel, mode, mtime, size, digest) in enumerate(files):
+            chunk = view[pos:pos + size]
+            pos += size
+            if len(self.staged) >= MAX_STAGED:
+                self.flush_staged()
+            try:
+                self.stage((ident, slot), {"path": rel, "mode": mode, "mtime_ns": mtime,
+                                           "hash": digest}, chunk)
+            except Refused as exc:
+                self.answer((ident, slot), {"ok": False, "refused": True, "error": str(exc)})
+            except OSError as exc:
+                self.answer((ident, slot), _os_error(exc))
 
     def op_place(self, meta: Dict[str, Any], data: bytes) -> Dict[str, Any]:
         """Make ``path`` from content the remote has: a rename (``move``) or a copy."""
@@ -631,6 +676,9 @@ class Agent:
                 if len(self.staged) >= MAX_STAGED:
                     self.flush_staged()
                 self.stage(ident, meta, data)
+                return
+            if op == "writes":
+                self.stage_many(ident, meta, data)
                 return
             self.flush_staged()
             if method is None:
