@@ -240,6 +240,8 @@ class Agent:
     # first, so requests still take effect in the order they came.
 
     def stage(self, ident: Any, meta: Dict[str, Any], data: Any) -> None:
+        if len(self.staged) >= MAX_STAGED:
+            self.flush_staged()
         rel = meta["path"]
         full = self.path(rel)
         self.parents(rel)
@@ -279,7 +281,7 @@ class Agent:
                     reply["conflict"] = conflict
             except Refused as exc:
                 _unlink(tmp)
-                reply = {"ok": False, "refused": True, "error": str(exc)}
+                reply = _refused(exc)
             except OSError as exc:
                 _unlink(tmp)
                 reply = _os_error(exc)
@@ -322,13 +324,11 @@ class Agent:
         for slot, (rel, mode, mtime, size, digest) in enumerate(files):
             chunk = view[pos:pos + size]
             pos += size
-            if len(self.staged) >= MAX_STAGED:
-                self.flush_staged()
             try:
                 self.stage((ident, slot), {"path": rel, "mode": mode, "mtime_ns": mtime,
                                            "hash": digest}, chunk)
             except Refused as exc:
-                self.answer((ident, slot), {"ok": False, "refused": True, "error": str(exc)})
+                self.answer((ident, slot), _refused(exc))
             except OSError as exc:
                 self.answer((ident, slot), _os_error(exc))
 
@@ -673,8 +673,6 @@ class Agent:
         method = getattr(self, "op_%s" % op, None)
         try:
             if op == "write":
-                if len(self.staged) >= MAX_STAGED:
-                    self.flush_staged()
                 self.stage(ident, meta, data)
                 return
             if op == "writes":
@@ -689,7 +687,7 @@ class Agent:
                 self.real_dirs.clear()  # it may have moved, made or removed folders
             reply["ok"] = True
         except Refused as exc:
-            reply = {"ok": False, "refused": True, "error": str(exc)}
+            reply = _refused(exc)
         except OSError as exc:
             reply = _os_error(exc)
         except (KeyError, TypeError, ValueError) as exc:
@@ -724,6 +722,10 @@ def _lstat(path: str) -> Optional[os.stat_result]:
         return None
     except NotADirectoryError:
         return None
+
+
+def _refused(exc: Refused) -> Dict[str, Any]:
+    return {"ok": False, "refused": True, "error": str(exc)}
 
 
 def _os_error(exc: OSError) -> Dict[str, Any]:

@@ -237,13 +237,13 @@ class InotifyWatcher:
 
     Keeps a ``wd -> directory`` map (and the reverse), updated when a
     directory is renamed; the map is what lets a moved subtree's watches be
-    dropped by path. A directory rename is
-    handled as "old path deleted, new path appeared": the old subtree's watches
-    are removed at MOVED_FROM and the new location is walked (with the rules,
-    which may differ there) at MOVED_TO.
+    dropped by path. A directory rename is handled as "old path deleted, new
+    path appeared": the old subtree's watches are removed at MOVED_FROM and the
+    new location is walked (with the rules, which may differ there) at MOVED_TO.
 
-    The fd is read from an event-loop reader callback that drains every queued
-    event, so there are no timers and no wake-ups while nothing changes.
+    The fd is read from an event-loop reader callback, one buffer of events per
+    call for as long as it stays readable, so there are no timers and no
+    wake-ups while nothing changes.
     """
 
     def __init__(self, root: Path, rules: RuleSet, sink: Sink) -> None:
