@@ -140,10 +140,12 @@ class Watch:
                 self._check(rel, t)
 
     def fallback(self) -> None:
-        now = time.perf_counter()
+        # Events that came in since select() looked are not fallback hits, and a
+        # file found by looking is stamped when it is found, never earlier.
+        self.drain()
         before = len(self.pending)
         for rel in list(self.pending):
-            self._check(rel, now)
+            self._check(rel, time.perf_counter())
         self.fallback_hits += before - len(self.pending)
 
     def done(self) -> dict[str, Any]:

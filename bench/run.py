@@ -261,11 +261,12 @@ class RemoteObserver:
         self.fallback_hits = 0
         self.overflows = 0
         self.events = 0
+        self._buf = b""  # what the watcher wrote beyond the last full line
 
     def start(self) -> RemoteObserver:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("remote_watch.py")), str(self.root)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
         )
         return self
 
@@ -289,13 +290,21 @@ class RemoteObserver:
         self.proc.stdin.flush()
 
     def _reply(self, timeout: float) -> dict[str, Any] | None:
+        """The watcher's next line, or None after ``timeout``. Its output is read
+        unbuffered and split here, so a second line never waits unseen in a buffer
+        that select() knows nothing of."""
         assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the remote watcher exited ({self.proc.poll()})")
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([self.proc.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise RuntimeError(f"the remote watcher exited ({self.proc.poll()})")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
         reply: dict[str, Any] = json.loads(line)
         return reply
 
