@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from helpers import IgnoreFn, Project, wait_in_sync, wait_until
 from dev_sync import cli, prestart
 from dev_sync.config import load_config
 from dev_sync.errors import DevSyncError
+from dev_sync.ignore import RuleSet, walk_dirs
 from dev_sync.pusher import DeleteGuard, RsyncPusher
 from dev_sync.ssh import SshMaster
 from dev_sync.state import SessionFiles
@@ -23,8 +25,10 @@ from dev_sync.target import Target
 
 
 @pytest.fixture(autouse=True)
-def _clean() -> None:
+def _clean() -> Iterator[None]:
     prestart.discard()
+    yield
+    prestart.discard()  # nothing begun early outlives its test
 
 
 def test_nothing_started_without_up_or_config(tmp_path: Path,
@@ -317,3 +321,36 @@ def test_an_adopted_run_is_read_without_blocking_the_loop() -> None:
                                         " exit 11"])
     with pytest.raises(DevSyncError, match="disk holding /srv/x is full"):
         asyncio.run(pusher._adopted(failing, frozenset({0}), None))
+
+
+def test_the_engine_takes_the_early_walks_rule_files_only_while_they_are_unchanged(
+    project: Project,
+) -> None:
+    """The walk that fed the early pass also serves the engine, so it does not walk
+    the tree again beside that pass; each rule file is read again, and any change
+    since (or other settings) means no answer, and a walk of its own."""
+    _rsync_logger(project)  # exclude = ["*.log"]
+    _fill(project.local)  # .gitignore: build/
+    (project.local / "src" / ".gitignore").write_text("*.tmp\n!keep.tmp\n")
+    (project.local / "build" / ".gitignore").write_text("!out.bin\n")  # excluded: unread
+    args = ["up", "--once", "--json", "--config", str(project.config)]
+    prestart.maybe_start(args)
+    prestart.validate(args)
+    assert prestart._head is not None
+
+    def walked_here(exclude: tuple[str, ...] = ("*.log",)) -> RuleSet:
+        rules = RuleSet(project.local, exclude, True)
+        for _ in walk_dirs(rules):
+            pass
+        return rules
+
+    early = prestart.walked_rules(RuleSet(project.local, ("*.log",), True))
+    assert early is not None
+    assert early.rule_files() == walked_here().rule_files() == [".gitignore", "src/.gitignore"]
+    assert early.rsync_filter_rules() == walked_here().rsync_filter_rules()
+    assert early.is_excluded("src/a.tmp", False) and not early.is_excluded("src/keep.tmp", False)
+
+    assert prestart.walked_rules(RuleSet(project.local, ("*.bak",), True)) is None
+    assert prestart.walked_rules(RuleSet(project.local, ("*.log",), False)) is None
+    (project.local / "src" / ".gitignore").write_text("*.tmp\n")
+    assert prestart.walked_rules(RuleSet(project.local, ("*.log",), True)) is None

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from dev_sync import remote
+from dev_sync import prestart, remote
 from dev_sync.actions import Actions
 from dev_sync.batcher import Batch, Batcher
 from dev_sync.config import Config
@@ -261,7 +261,7 @@ class Engine:
             try:
                 await self._connect(spawned=True)
             finally:
-                await walking
+                self.rules = await walking
         else:
             self.watcher = make_watcher(self.root, self.rules, self, self.config.sync.watcher)
             await self.watcher.start()
@@ -589,9 +589,16 @@ class Engine:
             return
 
 
-def _read_rules(rules: RuleSet) -> None:
+def _read_rules(rules: RuleSet) -> RuleSet:
+    """``rules`` with every .gitignore loaded: those ``dev-sync up``'s early walk
+    found if it can vouch for them (a walk of the tree, in a thread, holds the
+    interpreter lock while the first rsync pass runs beside it), else walked."""
+    early = prestart.walked_rules(rules)
+    if early is not None:
+        return early
     for _ in walk_dirs(rules):  # loads every .gitignore on the way
         pass
+    return rules
 
 
 _LANDED = Batch((), reasons=("landed",))

@@ -40,11 +40,14 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from dev_sync import commands, runner
 from dev_sync.runner import CommandError
 from dev_sync.target import READY, Target
+
+if TYPE_CHECKING:
+    from dev_sync.ignore import RuleSet
 
 _started: tuple[list[str], subprocess.Popen[bytes]] | None = None
 _head: HeadStart | None = None
@@ -303,6 +306,18 @@ async def adopt_rsync(argv: Sequence[str]) -> Run | None:
     return run
 
 
+def walked_rules(rules: RuleSet) -> RuleSet | None:
+    """``rules`` with every .gitignore the early walk found loaded, without a walk
+    of its own; None if there was none or it does not give the same rules.
+
+    Blocking (waits for the walk). The rules are rebuilt from the same files,
+    read again, and must come out exactly as the walk had them: a rule file
+    changed meanwhile, or other settings, mean a walk of the caller's own.
+    """
+    head = _head
+    return None if head is None else head.walked(rules)
+
+
 def _drop_head() -> None:
     global _head
     head, _head = _head, None
@@ -394,6 +409,7 @@ class HeadStart:
         read_end, self._relay = os.pipe()
         master.stdout = open(read_end, "rb")  # noqa: SIM115 - SshMaster owns and closes it
         self._rules: list[str] | None = None
+        self._rule_files: list[str] = []
         self._walker = threading.Thread(target=self._read_rules, daemon=True)
         self._walker.start()
         self._thread = threading.Thread(target=self._main, args=(real,), daemon=True)
@@ -486,7 +502,9 @@ class HeadStart:
             out, _ = walker.communicate()
             if walker.returncode != 0 or local is None or local < commands.MIN_RSYNC:
                 return
-            self._rules = [os.fsdecode(rule) for rule in out.split(b"\0")[:-1]]
+            rules, _, files = out.partition(b"\0\0")  # no entry is empty
+            self._rules = [os.fsdecode(rule) for rule in (rules + b"\0").split(b"\0")[:-1]]
+            self._rule_files = [os.fsdecode(f) for f in files.split(b"\0")[:-1]]
         except Exception:  # no head start then
             return
 
@@ -511,6 +529,24 @@ class HeadStart:
             ready = self._argvs is not None
         if ready:
             self._start_rsync()
+
+    def walked(self, rules: RuleSet) -> RuleSet | None:
+        """See :func:`walked_rules`."""
+        from dev_sync.ignore import RULE_FILE, RuleSet
+
+        plan = self.plan
+        if (rules.root, rules.exclude, rules.gitignore) != (
+            plan.local_root, plan.exclude, plan.gitignore
+        ):
+            return None
+        self._walker.join()
+        if self._rules is None:
+            return None
+        fresh = RuleSet(rules.root, rules.exclude, rules.gitignore)
+        dirs = [f.removesuffix(RULE_FILE).removesuffix("/") for f in self._rule_files]
+        for rel in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)):
+            fresh.load_dir(rel)  # parents first: a rule file in an excluded folder is refused
+        return fresh if fresh.rsync_filter_rules() == self._rules else None
 
     def take_probe(self, argv: list[str]) -> Run | None:
         with self._lock:
@@ -545,7 +581,8 @@ class HeadStart:
 
 
 # Loads every .gitignore as the engine does (dev_sync.engine._read_rules), then
-# prints the rules, NUL-terminated, as the bytes rsync gets.
+# prints the rules, NUL-terminated, as the bytes rsync gets; an empty entry; and
+# the rule files it read, NUL-terminated too (see HeadStart.walked).
 _WALK = """
 import os, sys
 from pathlib import Path
@@ -554,7 +591,9 @@ root, gitignore, *exclude = sys.argv[1:]
 rules = RuleSet(Path(root), exclude, gitignore == "1")
 for _ in walk_dirs(rules):
     pass
-sys.stdout.buffer.write(b"".join(os.fsencode(r) + b"\\0" for r in rules.rsync_filter_rules()))
+sys.stdout.buffer.write(b"".join(os.fsencode(r) + b"\\0" for r in rules.rsync_filter_rules())
+                        + b"\\0"
+                        + b"".join(os.fsencode(f) + b"\\0" for f in rules.rule_files()))
 """
 
 
