@@ -506,7 +506,7 @@ class FastBench(base.Bench):
 
     def __init__(self, fo: FastOptions, trees: base.Trees) -> None:
         opts = base.Options(
-            quick=fo.quick, saves=fo.saves, spacing=fo.spacing, repeats=1,
+            quick=fo.quick, saves=fo.saves, spacing=fo.spacing, repeats=1, warmup=False,
             burst_files=fo.burst_files, burst_rounds=fo.burst_rounds,
             idle_seconds=fo.idle_seconds, files=fo.files, idle_files=0, nm_files=fo.nm_files,
             seed=fo.seed, remote_base=fo.remote_base, only={"live"})

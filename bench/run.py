@@ -547,6 +547,7 @@ class Options:
     saves: int
     spacing: float
     repeats: int
+    warmup: bool
     burst_files: int
     burst_rounds: int
     idle_seconds: float
@@ -770,6 +771,15 @@ class Bench:
     async def initial_sync(self) -> None:
         say(f"[1/4] initial sync, {self.o.repeats} round(s), each into an empty folder")
         cfg = self.write_config(self.tree, self.remote_ds)
+        if self.o.warmup:
+            # Untimed: the first run after the trees are made pays for cold caches
+            # (the tree's pages, the remote's tmpfs, Python's files), whichever
+            # contender it is; it would decide a median of three on its own.
+            rmtree(self.remote_ds)
+            await self._run_once(cfg)
+            rmtree(self.remote_plain)
+            await self._run_plain_full(self.remote_plain)
+            say("  warm-up round done (one run of each, not counted)")
         ds_times: list[float] = []
         plain_times: list[float] = []
         rsync_ms: list[int] = []
@@ -1373,7 +1383,9 @@ def parse_args(argv: list[str] | None) -> Options:
                     help="20 saves, 1 round of initial sync and burst, 10 s idle")
     ap.add_argument("--saves", type=int, help="number of saves (default 100; --quick 20)")
     ap.add_argument("--spacing-ms", type=float, default=150.0, help="time between saves")
-    ap.add_argument("--repeats", type=int, help="initial-sync rounds (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=int, help="initial-sync rounds (default 5; --quick 1)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed first run of each contender before the initial sync")
     ap.add_argument("--burst-files", type=int, default=2000)
     ap.add_argument("--burst-rounds", type=int, help="default 3; --quick 1")
     ap.add_argument("--idle-seconds", type=float, help="default 60; --quick 10")
@@ -1391,7 +1403,8 @@ def parse_args(argv: list[str] | None) -> Options:
         quick=q,
         saves=a.saves or (20 if q else 100),
         spacing=a.spacing_ms / 1000,
-        repeats=a.repeats or (1 if q else 3),
+        repeats=a.repeats or (1 if q else 5),
+        warmup=a.warmup,
         burst_files=a.burst_files,
         burst_rounds=a.burst_rounds or (1 if q else 3),
         idle_seconds=a.idle_seconds or (10.0 if q else 60.0),
