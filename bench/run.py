@@ -9,7 +9,8 @@ trees under /var/tmp/dev-sync-bench/ (reused between runs), and dev-sync
 sessions with their state in a temporary folder. Measures
 
 1. initial sync of a 20k-file tree: ``dev-sync up --once`` vs one plain
-   ``rsync -a --exclude node_modules/ --exclude .git/`` (median of 3);
+   ``rsync -a --exclude node_modules/ --exclude .git/`` (one untimed run of each, then
+   the median of 5);
 2. save-to-visible latency: one file saved N times while ``dev-sync up`` runs,
    until the remote copy has the new content (seen with inotify on the remote
    folder, then read back), vs a plain ``rsync --files-from`` of that file
@@ -774,7 +775,7 @@ class Bench:
         if self.o.warmup:
             # Untimed: the first run after the trees are made pays for cold caches
             # (the tree's pages, the remote's tmpfs, Python's files), whichever
-            # contender it is; it would decide a median of three on its own.
+            # contender it is, and would weigh on the median for no reason of its own.
             rmtree(self.remote_ds)
             await self._run_once(cfg)
             rmtree(self.remote_plain)
