@@ -350,6 +350,9 @@ class Engine:
 
     def _included(self, rel: str) -> bool:
         """rsync does not apply rules to the parents of listed names: filter here too."""
+        as_file = self.rules.is_excluded(rel, False)
+        if as_file == self.rules.is_excluded(rel, True):
+            return not as_file  # the usual case: no rule depends on the type here
         try:
             is_dir: bool | None = stat.S_ISDIR(os.lstat(f"{self.root}/{rel}").st_mode)
         except OSError:

@@ -416,9 +416,13 @@ class FastPusher:
                 return (_Op(rel, "skip"), {}, b"")
             chunks = []
             left = self.max_bytes + 1
-            while left > 0 and (chunk := os.read(fd, min(left, max(st.st_size, 1 << 16)))):
+            while left > 0:
+                want = min(left, max(st.st_size, 1 << 16))
+                chunk = os.read(fd, want)
                 chunks.append(chunk)
                 left -= len(chunk)
+                if len(chunk) < want:
+                    break  # a short read of a regular file is its end: no read for b""
             data = b"".join(chunks)
         except OSError:
             return (_Op(rel, "skip"), {}, b"")
