@@ -160,3 +160,88 @@ def test_the_cap_is_short_for_the_agent_unless_configured() -> None:
     assert batch_cap(None, agent=True) <= 0.025  # pipelined: stream a burst as it comes
     assert batch_cap(None, agent=False) == 0.150  # one rsync run per batch
     assert batch_cap(500, agent=True) == batch_cap(500, agent=False) == 0.5
+
+
+class _Writer:
+    """Adds a change every 10 ms until stopped: a checkout, seen by the batcher."""
+
+    def __init__(self, b: Batcher) -> None:
+        self.b = b
+        self.n = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.b.add(f"f{self.n}")
+            self.n += 1
+            await asyncio.sleep(0.01)
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
+
+
+async def _timed(b: Batcher) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(b.next_batch(), 5)
+    return time.monotonic() - started
+
+
+async def test_once_a_burst_is_cut_the_batches_after_it_use_the_follow_up_cap() -> None:
+    b = Batcher(debounce=0.05, max_delay=0.4, follow_delay=0.1)
+    writer = _Writer(b)
+    writer.start()
+    try:
+        assert await _timed(b) >= 0.35  # the first cut: the full cap
+        await asyncio.sleep(0.2)  # the sender is busy; changes keep coming
+        # Pending for longer than the follow-up cap: taken at once.
+        assert await _timed(b) < 0.05
+        # The next starts with the next change: the follow-up cap, not the full one.
+        assert 0.08 <= await _timed(b) < 0.3
+        # A pause longer than the quiet period but shorter than a cap (the writer
+        # lost its core for a moment) does not end the burst.
+        await writer.stop()
+        b.add("last")
+        assert await _timed(b) < 0.1  # what is pending goes on the quiet period
+        await asyncio.sleep(0.15)
+        writer.start()
+        assert 0.08 <= await _timed(b) < 0.3
+    finally:
+        await writer.stop()
+
+
+async def test_quiet_for_a_whole_cap_ends_a_burst() -> None:
+    b = Batcher(debounce=0.05, max_delay=0.4, follow_delay=0.1)
+    writer = _Writer(b)
+    writer.start()
+    try:
+        assert await _timed(b) >= 0.35
+        await writer.stop()
+        b.add("last")
+        await asyncio.wait_for(b.next_batch(), 1)
+        await asyncio.sleep(0.45)
+        # A lone save after the quiet: one batch on the quiet period, not split.
+        b.add("a")
+        b.add("b")
+        assert await asyncio.wait_for(b.next_batch(), 1) == Batch((("a", False), ("b", False)))
+        await asyncio.sleep(0.45)
+        writer.start()
+        assert await _timed(b) >= 0.35  # a new burst: the full cap again
+    finally:
+        await writer.stop()
+
+
+async def test_without_a_follow_up_cap_every_cut_waits_the_full_cap() -> None:
+    b = Batcher(debounce=0.05, max_delay=0.3)
+    writer = _Writer(b)
+    writer.start()
+    try:
+        assert await _timed(b) >= 0.25
+        assert await _timed(b) >= 0.25
+    finally:
+        await writer.stop()

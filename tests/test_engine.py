@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dev_sync.config import load_config
-from dev_sync.engine import Engine
+from dev_sync.engine import Engine, batch_cap, follow_cap
 from dev_sync.events import Fanout
 
 
@@ -37,3 +37,10 @@ def test_a_batch_is_filtered_by_each_paths_type_where_a_rule_depends_on_it(
     assert not engine._included("gone/out")
     assert engine._included("gone/main.js")
     assert not engine._included("gone.log")
+
+
+def test_only_the_agents_batches_stream_a_burst_with_a_shorter_cap() -> None:
+    assert follow_cap(None, agent=True) == 0.01
+    assert batch_cap(None, agent=True) == 0.02  # the first cut of a burst
+    assert follow_cap(None, agent=False) is None  # rsync batches stay coarse
+    assert follow_cap(25, agent=True) is None  # a configured cap is the cap throughout

@@ -4,7 +4,10 @@ A save is a handful of events within a millisecond, a ``git checkout`` is
 thousands over a second. The batcher waits for a short quiet period (so one
 save leaves at once, as one batch) but never longer than a cap (so a long
 burst still flows), and collapses paths covered by a directory that is sent
-as a whole anyway.
+as a whole anyway. Once a burst has been cut by the cap, the batches that
+follow it may have a shorter cap of their own (``follow_delay``): the burst
+is known by then, and a sender that can stream it takes what has come in as
+soon as it is free, instead of idling while the backlog grows.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ def collapse(changes: dict[str, bool]) -> tuple[tuple[str, bool], ...]:
 class Batcher:
     """Collects changed paths and hands them out in debounced batches."""
 
-    def __init__(self, debounce: float, max_delay: float, max_paths: int = 50_000) -> None:
+    def __init__(self, debounce: float, max_delay: float, max_paths: int = 50_000,
+                 follow_delay: float | None = None) -> None:
         self.debounce = debounce
         self.max_delay = max_delay
+        self.follow_delay = follow_delay
         self.max_paths = max_paths
+        self._streaming = False  # the last batch was cut from a burst still going on
         self._changes: dict[str, bool] = {}
         self._full = False
         self._reasons: list[str] = []
@@ -62,6 +68,10 @@ class Batcher:
         if not self._changes and not self._full:
             self._first = now
             self._wake.set()  # only the first change wakes next_batch: see there
+            if now - self._last >= self.max_delay:
+                # Quiet for a whole cap: a new burst, or a lone save. (A shorter
+                # pause, a writer that lost its core for a moment, does not end one.)
+                self._streaming = False
         self._last = now
 
     def add(self, rel: str, recursive: bool = False) -> None:
@@ -114,7 +124,13 @@ class Batcher:
         # one would cost a task switch and a new timer per event in a burst.
         while True:
             now = time.monotonic()
-            deadline = min(self._last + self.debounce, self._first + self.max_delay)
-            if now >= deadline:
+            cap = self.max_delay
+            if self._streaming and self.follow_delay is not None:
+                cap = min(cap, self.follow_delay)
+            quiet = self._last + self.debounce
+            if now >= quiet:
                 return self._take()
-            await asyncio.sleep(deadline - now)
+            if now >= self._first + cap:
+                self._streaming = True
+                return self._take()
+            await asyncio.sleep(min(quiet, self._first + cap) - now)

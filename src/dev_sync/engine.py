@@ -69,8 +69,12 @@ T = TypeVar("T")
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
 HEARTBEAT_S = 30.0
 AGENT_MAX_DELAY_MS = 20
+AGENT_FOLLOW_DELAY_MS = 10  # the cap once a burst is streaming: see follow_cap
 RSYNC_MAX_DELAY_MS = 150
-MAX_INFLIGHT = 8  # batches sent to the agent whose answers are not collected yet
+# Batches sent to the agent whose answers are not collected yet. A burst streams
+# a batch every 10 ms or so, and a batch is answered one round trip later: on a
+# slow link that is a dozen in flight. They hold no file contents (see send).
+MAX_INFLIGHT = 32
 
 
 class Engine:
@@ -406,6 +410,7 @@ class Engine:
         await self.fast.attach(agent)
         self.channel.agent = agent
         self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=True)
+        self.batcher.follow_delay = follow_cap(self.config.sync.max_delay_ms, agent=True)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(agent))
         self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
                                       round((time.monotonic() - started) * 1000)))
@@ -423,6 +428,7 @@ class Engine:
         if self.fast is not None:
             await self.fast.attach(None)
         self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=False)
+        self.batcher.follow_delay = follow_cap(self.config.sync.max_delay_ms, agent=False)
 
     async def _ensure_agent(self) -> None:
         """After a reconcile: the agent is up, or restarted if it died (within reason)."""
@@ -637,6 +643,22 @@ def batch_cap(max_delay_ms: int | None, *, agent: bool) -> float:
     if max_delay_ms is None:
         max_delay_ms = AGENT_MAX_DELAY_MS if agent else RSYNC_MAX_DELAY_MS
     return max_delay_ms / 1000
+
+
+def follow_cap(max_delay_ms: int | None, *, agent: bool) -> float | None:
+    """The cap for the batches after a burst's first, while it goes on (None: the same).
+
+    The first cut already tells a burst from a save, so an editor's few events
+    are never split by it. After it, the agent's sender takes what has come in
+    about as soon as its last batch is out: with the 20 ms cap throughout, it
+    idled for half of every batch while the backlog grew, and a 500-file burst
+    on two cores left over a hundred files for after the last write. rsync
+    batches stay coarse (each is a run with round trips of its own), and a
+    configured cap wins.
+    """
+    if max_delay_ms is not None or not agent:
+        return None
+    return AGENT_FOLLOW_DELAY_MS / 1000
 
 
 async def _either(a: Awaitable[object], b: Awaitable[object]) -> None:

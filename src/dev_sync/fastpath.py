@@ -221,7 +221,9 @@ class FastPusher:
             part = [self._file_op(s.rel, s.gone) if isinstance(s, _Later) else s
                     for s in steps[start:start + SEND_SLICE]]
             part = [p for p in part if p[0].kind != "skip"]
-            plan += part
+            # The answers need the steps, not the bytes: a batch in flight
+            # holds no file contents once they are handed to the channel.
+            plan += [(op, meta, b"") for op, meta, _data in part]
             requests, part_shape = _requests(part)
             futures += agent.send_many(requests)
             shape += part_shape
