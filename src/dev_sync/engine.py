@@ -409,8 +409,7 @@ class Engine:
             return  # the connection is going: the master monitor takes over
         await self.fast.attach(agent)
         self.channel.agent = agent
-        self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=True)
-        self.batcher.follow_delay = follow_cap(self.config.sync.max_delay_ms, agent=True)
+        self._set_caps(agent=True)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(agent))
         self.reporter.emit(AgentReady(VERSION, str(agent.hello.get("python", "")),
                                       round((time.monotonic() - started) * 1000)))
@@ -427,8 +426,12 @@ class Engine:
             self.channel.agent = None
         if self.fast is not None:
             await self.fast.attach(None)
-        self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=False)
-        self.batcher.follow_delay = follow_cap(self.config.sync.max_delay_ms, agent=False)
+        self._set_caps(agent=False)
+
+    def _set_caps(self, *, agent: bool) -> None:
+        """The batcher's caps for the way batches now go: the agent or rsync alone."""
+        self.batcher.max_delay = batch_cap(self.config.sync.max_delay_ms, agent=agent)
+        self.batcher.follow_delay = follow_cap(self.config.sync.max_delay_ms, agent=agent)
 
     async def _ensure_agent(self) -> None:
         """After a reconcile: the agent is up, or restarted if it died (within reason)."""
