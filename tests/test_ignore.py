@@ -21,7 +21,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dev_sync.ignore import INTERNAL_EXCLUDES, RuleSet, walk_dirs
+from dev_sync.ignore import (
+    INTERNAL_EXCLUDES,
+    RuleSet,
+    _last_match,
+    _parse_lines,
+    _Rules,
+    walk_dirs,
+)
 
 
 @dataclass(frozen=True)
@@ -775,3 +782,33 @@ def test_syntax_cases_agree_with_git(
     else:
         target.write_bytes(b"")
         assert (path not in git_included_files(tmp_path, git_dir, [])) is excluded
+
+
+# --------------------------------------------------------------------------
+# The lists' combined matching against a line-by-line reading
+
+PATH_PARTS = ["a", "b", "build", "x.log", "keep.log", "gen", "keep.txt", "q1", "\u00fc", "sp ace"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.sampled_from(PATTERNS), max_size=12),
+       path=st.lists(st.sampled_from(PATH_PARTS), min_size=1, max_size=4),
+       is_dir=st.booleans())
+def test_combined_lines_pick_the_last_matching_line(
+    lines: list[str], path: list[str], is_dir: bool
+) -> None:
+    """One regular expression per list must decide as git's reading does: the last
+    line that matches, name-only lines and dir-only lines included."""
+    patterns = _parse_lines(os.fsencode(line) for line in lines)
+    rel = os.fsencode("/".join(path))
+    assert _Rules(patterns).last_match(rel, is_dir) is _last_match(patterns, rel, is_dir)
+
+
+def test_name_only_lines_look_at_the_last_component_only() -> None:
+    rules = _Rules(_parse_lines([b"*.log", b"!keep.log", b"a/*.log", b"build/"]))
+    assert rules.last_match(b"x/y.log", False) is rules.patterns[0]
+    assert rules.last_match(b"x/keep.log", False) is rules.patterns[1]
+    assert rules.last_match(b"a/keep.log", False) is rules.patterns[2]  # the later line wins
+    assert rules.last_match(b"x/build", False) is None  # folders only
+    assert rules.last_match(b"x/build", True) is rules.patterns[3]
+    assert rules.last_match(b"x/build.txt", True) is None

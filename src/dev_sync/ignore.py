@@ -51,6 +51,7 @@ import enum
 import itertools
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,68 @@ class _Pattern:
         if self.dir_only and not is_dir:
             return False
         return self.regex.fullmatch(rel) is not None
+
+    @property
+    def name_only(self) -> bool:
+        """Whether only the last component decides (``**/`` then no "/" at all), as for
+        most lines of a .gitignore: ``*.log``, ``dist/``."""
+        rest = self.tokens[1:]
+        return (bool(rest) and self.tokens[0] is _Wild.ANYDIRS
+                and all(t is not _Wild.ANYDIRS and t is not _Wild.DSTAR and t != _SLASH
+                        for t in rest))
+
+
+class _Rules:
+    """The patterns of one source (a .gitignore, the user's list), matched together.
+
+    One regular expression per kind of path holds every pattern as an
+    alternative, the last line first, so the alternative that matches is the
+    line that decides (git: the last matching line wins). A changed file is
+    judged against every list on its way: one C-level match per list instead
+    of a Python call per line. Lines that only look at the name are matched
+    against the last component, which spares the regex from trying every "/".
+    """
+
+    __slots__ = ("_by_type", "patterns")
+
+    def __init__(self, patterns: Sequence[_Pattern]) -> None:
+        self.patterns = tuple(patterns)
+        self._by_type = (self._compile(False), self._compile(True))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def _compile(self, is_dir: bool) -> tuple[_Alternatives, _Alternatives]:
+        usable = [i for i, p in enumerate(self.patterns) if is_dir or not p.dir_only]
+        names = [i for i in usable if self.patterns[i].name_only]
+        paths = [i for i in usable if not self.patterns[i].name_only]
+        return (self._alternatives(names, True), self._alternatives(paths, False))
+
+    def _alternatives(self, indices: list[int], names: bool) -> _Alternatives:
+        if not indices:
+            return None
+        order = tuple(reversed(indices))
+        sources = [(_regex(self.patterns[i].tokens[1:]) if names else self.patterns[i].regex)
+                   .pattern for i in order]
+        return re.compile(b"|".join(b"(" + src + b")" for src in sources), re.DOTALL), order
+
+    def last_match(self, rel: bytes, is_dir: bool) -> _Pattern | None:
+        """The line that decides for ``rel`` (relative to the list's directory), if any."""
+        names, paths = self._by_type[is_dir]
+        best = -1
+        if names is not None:
+            found = names[0].fullmatch(rel.rpartition(b"/")[2])
+            if found is not None and found.lastindex:
+                best = names[1][found.lastindex - 1]
+        if paths is not None:
+            found = paths[0].fullmatch(rel)
+            if found is not None and found.lastindex:
+                best = max(best, paths[1][found.lastindex - 1])
+        return self.patterns[best] if best >= 0 else None
+
+
+# A compiled alternation and, per group, the index of its pattern.
+_Alternatives = tuple[re.Pattern[bytes], tuple[int, ...]] | None
 
 
 def _trim_trailing_spaces(line: bytes) -> bytes:
@@ -339,6 +402,7 @@ def _parse_file(data: bytes) -> list[_Pattern]:
 
 
 def _last_match(patterns: Sequence[_Pattern], rel: bytes, is_dir: bool) -> _Pattern | None:
+    """Line by line, for a few patterns used once (see :class:`_Rules` for lists)."""
     for pattern in reversed(patterns):
         if pattern.matches(rel, is_dir):
             return pattern
@@ -349,8 +413,12 @@ def _depth(rel_dir: str) -> int:
     return rel_dir.count("/") + 1 if rel_dir else 0
 
 
+# What os.fsencode does, without its call per path.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
 # Rules that no .gitignore or user pattern can override.
-_FIXED_PATTERNS: tuple[_Pattern, ...] = tuple(
+_FIXED_PATTERNS = _Rules(
     _parse_lines(os.fsencode(p) for p in INTERNAL_EXCLUDES + DEFAULT_EXCLUDES)
 )
 
@@ -367,11 +435,13 @@ class RuleSet:
         self.exclude = tuple(exclude)
         self.gitignore = gitignore
         # Each entry is one config line; a newline inside one would be two lines in a file.
-        self._user = _parse_lines(
+        self._user = _Rules(_parse_lines(
             line for entry in self.exclude for line in os.fsencode(entry).split(b"\n")
-        )
+        ))
         # Directory (relative, "" for the root) -> patterns of its .gitignore.
-        self._files: dict[str, list[_Pattern]] = {}
+        self._files: dict[str, _Rules] = {}
+        # The same, deepest first, as (b"<dir>/", rules); b"" for the root's.
+        self._by_depth: list[tuple[bytes, _Rules]] | None = None
         # Folder -> excluded by its own rules (ancestors aside); see is_excluded.
         self._folder_cache: dict[str, bool] = {}
         # Path -> whole decision, as a file and as a folder: a changed file is
@@ -387,6 +457,7 @@ class RuleSet:
         Like git, a .gitignore that is a symlink is not followed.
         """
         self._files.pop(rel_dir, None)
+        self._by_depth = None
         self._folder_cache.clear()  # decisions below rel_dir may change
         for decided in self._decided:
             decided.clear()
@@ -404,7 +475,8 @@ class RuleSet:
                 data = f.read()
         except OSError:  # a directory named .gitignore, or it vanished mid-read
             return
-        self._files[rel_dir] = _parse_file(data)
+        self._files[rel_dir] = _Rules(_parse_file(data))
+        self._by_depth = None
 
     def is_excluded(self, rel: str, is_dir: bool | None) -> bool:
         """Whether ``rel`` (root-relative POSIX path) is excluded, itself or by an ancestor.
@@ -425,20 +497,21 @@ class RuleSet:
             return known
         if len(decided) > 10_000:
             decided.clear()
-        parts = rel.split("/")
         cache = self._folder_cache
-        for depth in range(1, len(parts)):
+        cut = rel.find("/")
+        while cut != -1:
             # Folders repeat from path to path (a burst lands in a few of them).
-            key = "/".join(parts[:depth])
+            key = rel[:cut]
             excluded = cache.get(key)
             if excluded is None:
                 if len(cache) > 100_000:
                     cache.clear()
-                excluded = cache[key] = self._excluded_itself(parts[:depth], True)
+                excluded = cache[key] = self._excluded_itself(key, True)
             if excluded:
                 decided[rel] = True
                 return True
-        decided[rel] = excluded = self._excluded_itself(parts, is_dir)
+            cut = rel.find("/", cut + 1)
+        decided[rel] = excluded = self._excluded_itself(rel, is_dir)
         return excluded
 
     def is_excluded_child(self, rel: str, is_dir: bool) -> bool:
@@ -447,24 +520,40 @@ class RuleSet:
         A walk that prunes as it goes knows that already; judging only the last
         component makes walking a tree several times cheaper.
         """
-        return bool(rel) and self._excluded_itself(rel.split("/"), is_dir)
+        return bool(rel) and self._excluded_itself(rel, is_dir)
 
-    def _excluded_itself(self, parts: list[str], is_dir: bool) -> bool:
+    def _excluded_itself(self, rel: str, is_dir: bool) -> bool:
         """The decision for one path, its ancestors assumed included."""
-        path = os.fsencode("/".join(parts))
-        if any(p.matches(path, is_dir) for p in _FIXED_PATTERNS):
+        path = rel.encode(_FS_ENCODING, _FS_ERRORS)
+        if _FIXED_PATTERNS.last_match(path, is_dir) is not None:
             return True
-        pattern = _last_match(self._user, path, is_dir)
+        pattern = self._user.last_match(path, is_dir)
         if pattern is not None:
             return not pattern.negated
-        for depth in range(len(parts) - 1, -1, -1):
-            patterns = self._files.get("/".join(parts[:depth]))
-            if not patterns:
-                continue
-            rel = os.fsencode("/".join(parts[depth:]))
-            pattern = _last_match(patterns, rel, is_dir)
-            if pattern is not None:
-                return not pattern.negated
+        # The .gitignore files of the folders above, deepest first. With fewer of
+        # them than folders above (most trees have one or a handful), trying each
+        # is quicker than looking up every folder.
+        by_depth = self._by_depth
+        if by_depth is None:
+            by_depth = self._by_depth = [
+                (os.fsencode(d + "/") if d else b"", self._files[d])
+                for d in sorted(self._files, key=lambda d: -_depth(d))]
+        if len(by_depth) <= path.count(b"/") + 1:
+            for prefix, rules in by_depth:
+                if path.startswith(prefix):
+                    pattern = rules.last_match(path[len(prefix):], is_dir)
+                    if pattern is not None:
+                        return not pattern.negated
+            return False
+        end = len(rel)
+        while end != -1:
+            end = rel.rfind("/", 0, end)
+            found = self._files.get(rel[:end] if end != -1 else "")
+            if found:
+                sub = rel[end + 1:].encode(_FS_ENCODING, _FS_ERRORS)
+                pattern = found.last_match(sub, is_dir)
+                if pattern is not None:
+                    return not pattern.negated
         return False
 
     def rsync_filter_rules(self) -> list[str]:
@@ -482,12 +571,12 @@ class RuleSet:
         :func:`os.fsencode` (or :meth:`write_rsync_filter`), never as UTF-8 text.
         """
         lines: list[str] = []
-        for pattern in _FIXED_PATTERNS:
+        for pattern in _FIXED_PATTERNS.patterns:
             lines.extend(_rsync_rules(pattern, ""))
-        for pattern in reversed(self._user):
+        for pattern in reversed(self._user.patterns):
             lines.extend(_rsync_rules(pattern, ""))
         for rel_dir in sorted(self._files, key=lambda d: (-_depth(d), d)):
-            for pattern in reversed(self._files[rel_dir]):
+            for pattern in reversed(self._files[rel_dir].patterns):
                 lines.extend(_rsync_rules(pattern, rel_dir))
         return lines
 
