@@ -313,6 +313,24 @@ def test_decisions_below_a_reread_folder_change_too(tmp_path: Path) -> None:
     assert [rules.is_excluded(p, d) for p, d in judged] == [True] * 4
 
 
+def test_a_folder_without_rules_keeps_the_decisions_and_one_that_loses_them_not(
+    tmp_path: Path,
+) -> None:
+    """A burst making new folders loads each (no rule file): nothing changed, so the
+    decisions already made stay; a rule file gone from a folder does change them."""
+    (tmp_path / "a" / "new").mkdir(parents=True)
+    (tmp_path / "a" / ".gitignore").write_text("*.tmp\n")
+    rules = RuleSet(tmp_path).reload()
+    assert rules.is_excluded("a/x.tmp", False)
+    assert not rules.is_excluded("a/y", False)
+    rules.load_dir("a/new")
+    assert rules._decided[False] == {"a/x.tmp": True, "a/y": False}
+    (tmp_path / "a" / ".gitignore").unlink()
+    rules.load_dir("a")
+    assert not rules._decided[False]
+    assert not rules.is_excluded("a/x.tmp", False)
+
+
 def test_rule_file_that_is_a_symlink_or_dir_is_not_read(tmp_path: Path) -> None:
     """git refuses in-tree .gitignore symlinks; a directory of that name is no rule file."""
     make_tree(

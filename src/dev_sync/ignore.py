@@ -456,11 +456,8 @@ class RuleSet:
         (``included=True``: the caller, a walk, has just checked that).
         Like git, a .gitignore that is a symlink is not followed.
         """
-        self._files.pop(rel_dir, None)
-        self._by_depth = None
-        self._folder_cache.clear()  # decisions below rel_dir may change
-        for decided in self._decided:
-            decided.clear()
+        if self._files.pop(rel_dir, None) is not None:
+            self._forget_decisions()
         if not self.gitignore or (
             rel_dir and not included and self.is_excluded(rel_dir, is_dir=True)
         ):
@@ -476,7 +473,15 @@ class RuleSet:
         except OSError:  # a directory named .gitignore, or it vanished mid-read
             return
         self._files[rel_dir] = _Rules(_parse_file(data))
+        self._forget_decisions()
+
+    def _forget_decisions(self) -> None:
+        """The rules changed: decisions below the folder may too. (Only then: a burst
+        that makes new folders, each loaded here, keeps its cached decisions.)"""
         self._by_depth = None
+        self._folder_cache.clear()
+        for decided in self._decided:
+            decided.clear()
 
     def is_excluded(self, rel: str, is_dir: bool | None) -> bool:
         """Whether ``rel`` (root-relative POSIX path) is excluded, itself or by an ancestor.
