@@ -58,3 +58,51 @@ def test_without_an_event_loop_every_push_is_written(files: SessionFiles) -> Non
     reporter.emit(_push(1))
     status = files.read_status()
     assert status is not None and status["pushes"] == 2
+
+
+def _subclasses(cls: type) -> list[type]:
+    out: list[type] = []
+    subs: list[type] = cls.__subclasses__()
+    for sub in subs:
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def test_every_event_field_is_plain_so_the_shallow_copy_is_what_asdict_gives() -> None:
+    """The reporters copy an event's fields shallowly: a list, dict or dataclass in
+    a field would be shared with (and could change under) the status file."""
+    import dataclasses
+    import typing
+
+    from dev_sync import events
+
+    kinds = _subclasses(events.Event)
+    assert events.Pushed in kinds and len(kinds) > 15
+    samples: dict[object, object] = {str: "x", int: 1, float: 1.5, bool: True}
+    for cls in kinds:
+        hints = typing.get_type_hints(cls)
+        args: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            origin, inner = typing.get_origin(hint), typing.get_args(hint)
+            if origin is tuple:
+                element = inner[0]
+                args[f.name] = ((samples[element],) if element in samples
+                                else (tuple(samples[t] for t in typing.get_args(element)),))
+            elif hint in samples:
+                args[f.name] = samples[hint]
+            else:  # an optional plain value
+                plain = [t for t in inner if t is not type(None)]
+                assert len(plain) == 1 and plain[0] in samples, (cls, f.name, hint)
+                args[f.name] = samples[plain[0]]
+        event = cls(**args)
+        assert event.fields() == dataclasses.asdict(event), cls
+        assert all(_plain(v) for v in event.fields().values()), cls
+    assert events.Pushed(1, 1, 1, 0, 1).kind == "pushed"
+    assert events.AgentReady("v", "3.11", 5).kind == "agent_ready"
