@@ -86,6 +86,49 @@ def test_every_kind_of_change_goes_through_the_agent(project: Project) -> None:
     assert not [p for p in project.remote.rglob("*") if p.name.startswith(".~dev-sync.")]
 
 
+def test_a_new_folder_moved_in_arrives_whole_through_the_agent(
+    project: Project, tmp_path: Path
+) -> None:
+    """A folder that appears with its contents (moved in, unpacked) is walked and sent
+    through the agent in one go: nested folders, a symlink, an executable, modes
+    and times; what the rules exclude inside it stays out, and a fifo is skipped."""
+    outside = tmp_path / "outside" / "pkg"
+    (outside / "sub" / "deeper").mkdir(parents=True)
+    (outside / "sub" / "x.txt").write_text("x")
+    (outside / "sub" / "deeper" / "y.txt").write_text("y" * 5000)
+    (outside / "run.sh").write_text("#!/bin/sh\n")
+    (outside / "run.sh").chmod(0o750)
+    os.utime(outside / "sub" / "x.txt", ns=(1_600_000_000_000_000_000,) * 2)
+    os.symlink("sub/x.txt", outside / "link")
+    os.mkfifo(outside / "pipe")
+    (outside / "node_modules" / "dep").mkdir(parents=True)
+    (outside / "node_modules" / "dep" / "i.js").write_text("excluded")
+    with start(project) as s:
+        wait_in_sync(project.local, project.remote, ignore=excluded)
+        since = len(s.events)
+        outside.rename(project.local / "pkg")
+        pushed_via(s, "pkg")
+        wait_in_sync(project.local, project.remote,
+                     ignore=lambda rel: excluded(rel) or rel == "pkg/pipe")
+        remote = project.remote / "pkg"
+        assert not (remote / "node_modules").exists()
+        assert not (remote / "pipe").exists()
+        assert (remote / "run.sh").stat().st_mode & 0o777 == 0o750
+        assert (remote / "sub" / "x.txt").stat().st_mtime_ns == 1_600_000_000_000_000_000
+        assert os.readlink(remote / "link") == "sub/x.txt"
+        assert {e["via"] for e in s.events[since:] if e["event"] == "pushed"} == {"agent"}
+        # Too big as a whole (each file alone would fit): rsync sends that folder.
+        big = tmp_path / "outside" / "big"
+        big.mkdir()
+        for n in range(3):
+            (big / f"part{n}.bin").write_bytes(os.urandom(400_000))
+        big.rename(project.local / "big")
+        pushed_via(s, "big", via="rsync")
+        wait_in_sync(project.local, project.remote,
+                     ignore=lambda rel: excluded(rel) or rel == "pkg/pipe")
+        assert s.stop() == 0
+
+
 HOSTILE = ["-e", "--delete", "$(touch pwned)", "`id`", "a b", "new\nline", "back\\slash",
            "'single'", '"double"', "ünïcødé ☃", "#comment", ";semi", "x" * 200]
 

@@ -340,6 +340,7 @@ class FastPusher:
         gone_files: list[str] = []
         gone_dirs: list[str] = []
         new_dirs: list[str] = []
+        st_of: dict[str, os.stat_result] = {}
         base = f"{root}/"  # joined by hand: this runs per file of a burst
         for rel, recursive in wanted.items():
             try:
@@ -356,6 +357,7 @@ class FastPusher:
             if stat.S_ISDIR(st.st_mode):
                 if recursive:
                     new_dirs.append(rel)
+                    st_of[rel] = st
                 else:
                     mkdirs.append(self._mkdir_op(rel, st))
             elif stat.S_ISLNK(st.st_mode):
@@ -370,22 +372,19 @@ class FastPusher:
         for rel in new_dirs:
             if rel in moves:
                 continue
-            small = self._small_tree(rel)
+            small = self._small_tree(rel, st_of[rel])
             if small is None:
                 by_rsync[rel] = True
                 continue
-            for sub, is_dir in small:
-                if is_dir:
-                    mkdirs.append(self._mkdir_op(sub, os.lstat(root / sub)))
+            for sub, sub_st in small:
+                if stat.S_ISDIR(sub_st.st_mode):
+                    mkdirs.append(self._mkdir_op(sub, sub_st))
+                elif stat.S_ISLNK(sub_st.st_mode):
+                    writes.append((_Op(sub, "symlink"),
+                                   {"op": "symlink", "path": sub, "mtime_ns": sub_st.st_mtime_ns},
+                                   os.fsencode(os.readlink(base + sub))))
                 else:
-                    sub_st = os.lstat(root / sub)
-                    if stat.S_ISLNK(sub_st.st_mode):
-                        writes.append((_Op(sub, "symlink"),
-                                       {"op": "symlink", "path": sub,
-                                        "mtime_ns": sub_st.st_mtime_ns},
-                                       os.fsencode(os.readlink(root / sub))))
-                    else:
-                        writes.append(_Later(sub, gone_files))
+                    writes.append(_Later(sub, gone_files))
         for rel in gone_dirs:
             if rel not in moves.values():
                 by_rsync[rel] = True
@@ -474,33 +473,38 @@ class FastPusher:
                 pairs[rel] = gone[0]
         return pairs
 
-    def _small_tree(self, rel: str) -> list[tuple[str, bool]] | None:
-        """Every synced entry under a new folder, if it is small enough to send here."""
+    def _small_tree(
+        self, rel: str, st: os.stat_result
+    ) -> list[tuple[str, os.stat_result]] | None:
+        """Every synced entry under a new folder (``rel``, whose lstat is ``st``) with
+        its lstat, if the whole is small enough to send here."""
         rules = self.rules()
-        out: list[tuple[str, bool]] = [(rel, True)]
+        out: list[tuple[str, os.stat_result]] = [(rel, st)]
         size = 0
         stack = [rel]
-        while stack:
-            top = stack.pop()
-            try:
-                with os.scandir(self.local_root / top) as it:
+        base = f"{self.local_root}/"  # joined by hand: a checkout makes many folders
+        try:
+            while stack:
+                top = stack.pop()
+                with os.scandir(base + top) as it:
                     entries = list(it)
-            except OSError:
-                return None
-            for entry in entries:
-                sub = f"{top}/{entry.name}"
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if rules.is_excluded_child(sub, is_dir):  # its folder is synced
-                    continue
-                if is_dir:
-                    stack.append(sub)
-                elif entry.is_file(follow_symlinks=False):
-                    size += entry.stat(follow_symlinks=False).st_size
-                elif not entry.is_symlink():
-                    continue
-                out.append((sub, is_dir))
-                if len(out) > SMALL_TREE_ENTRIES or size > self.max_bytes:
-                    return None
+                for entry in entries:
+                    sub = f"{top}/{entry.name}"
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if rules.is_excluded_child(sub, is_dir):  # its folder is synced
+                        continue
+                    if is_dir:
+                        stack.append(sub)
+                    elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                        continue
+                    sub_st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(sub_st.st_mode):
+                        size += sub_st.st_size
+                    out.append((sub, sub_st))
+                    if len(out) > SMALL_TREE_ENTRIES or size > self.max_bytes:
+                        return None
+        except OSError:
+            return None
         return out
 
 
