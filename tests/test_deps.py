@@ -541,12 +541,14 @@ def test_changed_lock_files_walks_new_folders_and_drops_deleted(tmp_path: Path) 
             "new/api/requirements.txt": "x",
             "new/api/readme.md": "",
             "go.sum": "",
+            "odd/yarn.lock/inner": "",
         },
     )
     rules = RuleSet(tmp_path)
     changes = [
         ("new", True),
         ("go.sum", False),
+        ("odd/yarn.lock", False),  # a folder by a lock file's name
         ("gone/yarn.lock", False),
         ("gone-dir", True),
         ("new/api/readme.md", False),

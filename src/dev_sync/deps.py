@@ -190,10 +190,13 @@ def changed_lock_files(
     found: set[str] = set()
     for rel, recursive in changes:
         rel = rel.strip("/")
-        path = rules.root / rel if rel else rules.root
-        if recursive and path.is_dir() and not path.is_symlink():
-            found.update(_matching_files(rules, rel, triggers))
-        elif rel and path.is_file() and any(t.matches(rel) for t in triggers):
+        if recursive:
+            path = rules.root / rel if rel else rules.root
+            if path.is_dir() and not path.is_symlink():
+                found.update(_matching_files(rules, rel, triggers))
+                continue
+        # The name first: a burst pushes hundreds of files, hardly any a lock file.
+        if rel and any(t.matches(rel) for t in triggers) and (rules.root / rel).is_file():
             found.add(rel)
     return sorted(found)
 
