@@ -339,8 +339,7 @@ class FastPusher:
         deletes: list[_Planned] = []
         gone_files: list[str] = []
         gone_dirs: list[str] = []
-        new_dirs: list[str] = []
-        st_of: dict[str, os.stat_result] = {}
+        new_dirs: dict[str, os.stat_result] = {}
         base = f"{root}/"  # joined by hand: this runs per file of a burst
         for rel, recursive in wanted.items():
             try:
@@ -356,8 +355,7 @@ class FastPusher:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if recursive:
-                    new_dirs.append(rel)
-                    st_of[rel] = st
+                    new_dirs[rel] = st
                 else:
                     mkdirs.append(self._mkdir_op(rel, st))
             elif stat.S_ISLNK(st.st_mode):
@@ -368,11 +366,11 @@ class FastPusher:
                 writes.append(_Later(rel, gone_files))
             elif stat.S_ISREG(st.st_mode):
                 by_rsync[rel] = False
-        moves = self._dir_moves(gone_dirs, new_dirs)
-        for rel in new_dirs:
+        moves = self._dir_moves(gone_dirs, list(new_dirs))
+        for rel, dir_st in new_dirs.items():
             if rel in moves:
                 continue
-            small = self._small_tree(rel, st_of[rel])
+            small = self._small_tree(rel, dir_st)
             if small is None:
                 by_rsync[rel] = True
                 continue

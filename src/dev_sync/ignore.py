@@ -401,14 +401,6 @@ def _parse_file(data: bytes) -> list[_Pattern]:
     return _parse_lines(data.split(b"\n"))
 
 
-def _last_match(patterns: Sequence[_Pattern], rel: bytes, is_dir: bool) -> _Pattern | None:
-    """Line by line, for a few patterns used once (see :class:`_Rules` for lists)."""
-    for pattern in reversed(patterns):
-        if pattern.matches(rel, is_dir):
-            return pattern
-    return None
-
-
 def _depth(rel_dir: str) -> int:
     return rel_dir.count("/") + 1 if rel_dir else 0
 

@@ -48,7 +48,7 @@ from typing import Any, Literal, Protocol
 
 from dev_sync import runner
 from dev_sync.errors import ConnectionFailed, DevSyncError, UsageError
-from dev_sync.ignore import _last_match, _parse_line, _Pattern
+from dev_sync.ignore import _parse_line, _Rules
 from dev_sync.sections import ManagerName as ManagerName
 from dev_sync.sections import ServiceConfig as ServiceConfig
 from dev_sync.sections import ServiceName as ServiceName
@@ -73,9 +73,9 @@ def program_name(name: str, service: ServiceConfig) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(patterns: tuple[str, ...]) -> tuple[_Pattern, ...]:
+def _compile(patterns: tuple[str, ...]) -> _Rules:
     parsed = (_parse_line(os.fsencode(p)) for p in patterns)
-    return tuple(p for p in parsed if p is not None)
+    return _Rules([p for p in parsed if p is not None])
 
 
 def matches_restart_on(patterns: Sequence[str], rel: str) -> bool:
@@ -95,16 +95,16 @@ def matches_restart_on(patterns: Sequence[str], rel: str) -> bool:
     if not parts:
         return False
     for depth in range(1, len(parts)):
-        hit = _last_match(compiled, os.fsencode("/".join(parts[:depth])), True)
+        hit = compiled.last_match(os.fsencode("/".join(parts[:depth])), True)
         if hit is not None and not hit.negated:
             return True
     path = os.fsencode("/".join(parts))
-    hit = _last_match(compiled, path, is_dir)
+    hit = compiled.last_match(path, is_dir)
     if hit is not None:
         return not hit.negated
     if is_dir:
         # A name no literal pattern can hold: only "dir/*", "dir/**"-like patterns match it.
-        hit = _last_match(compiled, path + b"/\x01", False)
+        hit = compiled.last_match(path + b"/\x01", False)
         return hit is not None and not hit.negated
     return False
 
